@@ -1,0 +1,154 @@
+from loupe.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StoredObject(_message.Message):
+    __slots__ = ("object_index", "box", "label", "detection_score", "vector")
+    OBJECT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_SCORE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    object_index: int
+    box: _common_pb2.Box
+    label: str
+    detection_score: float
+    vector: _common_pb2.Vector
+    def __init__(self, object_index: _Optional[int] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., label: _Optional[str] = ..., detection_score: _Optional[float] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ...) -> None: ...
+
+class StoredItem(_message.Message):
+    __slots__ = ("item_id", "content_hash", "model_version", "metadata", "image_width", "image_height", "objects")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Value, _Mapping]] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    content_hash: str
+    model_version: str
+    metadata: _containers.MessageMap[str, _common_pb2.Value]
+    image_width: int
+    image_height: int
+    objects: _containers.RepeatedCompositeFieldContainer[StoredObject]
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[StoredObject, _Mapping]]] = ...) -> None: ...
+
+class UpsertRequest(_message.Message):
+    __slots__ = ("item",)
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    item: StoredItem
+    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ...) -> None: ...
+
+class UpsertResponse(_message.Message):
+    __slots__ = ("rows", "replaced")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    replaced: bool
+    def __init__(self, rows: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
+
+class DeleteItemRequest(_message.Message):
+    __slots__ = ("item_id",)
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    def __init__(self, item_id: _Optional[str] = ...) -> None: ...
+
+class DeleteItemResponse(_message.Message):
+    __slots__ = ("rows_deleted",)
+    ROWS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    rows_deleted: int
+    def __init__(self, rows_deleted: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("item_id", "content_hash", "include_vectors", "limit")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    content_hash: str
+    include_vectors: bool
+    limit: int
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., include_vectors: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StoredItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[StoredItem, _Mapping]]] = ...) -> None: ...
+
+class RetrievalSearchRequest(_message.Message):
+    __slots__ = ("query", "limit", "filter", "exclude_item_ids", "include_vectors", "whole_images_only")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_IMAGES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    query: _common_pb2.Vector
+    limit: int
+    filter: _common_pb2.Filter
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    include_vectors: bool
+    whole_images_only: bool
+    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., limit: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ..., whole_images_only: _Optional[bool] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("item_id", "object_index", "box", "label", "ann_score", "vector", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Value, _Mapping]] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    ANN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    object_index: int
+    box: _common_pb2.Box
+    label: str
+    ann_score: float
+    vector: _common_pb2.Vector
+    metadata: _containers.MessageMap[str, _common_pb2.Value]
+    def __init__(self, item_id: _Optional[str] = ..., object_index: _Optional[int] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., label: _Optional[str] = ..., ann_score: _Optional[float] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ...) -> None: ...
+
+class RetrievalSearchResponse(_message.Message):
+    __slots__ = ("candidates",)
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("rows", "collection", "dimension", "index_type")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    collection: str
+    dimension: int
+    index_type: str
+    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ...) -> None: ...
