@@ -1,7 +1,7 @@
 """Generate the Python gRPC code for protos/ into services/api (or check it is current).
 
-    python tools/gen_protos.py          # regenerate
-    python tools/gen_protos.py --check  # exit 1 when the committed code is stale (CI)
+python tools/gen_protos.py          # regenerate
+python tools/gen_protos.py --check  # exit 1 when the committed code is stale (CI)
 """
 
 from __future__ import annotations
@@ -42,12 +42,20 @@ def generate(out: Path) -> None:
 
 
 def generated_files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix in {".py", ".pyi"}}
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in {".py", ".pyi"}
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail if services/api differs from a fresh generation")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="fail if services/api differs from a fresh generation"
+    )
     args = parser.parse_args()
     if not args.check:
         if (OUT / "loupe").exists():
@@ -60,7 +68,11 @@ def main() -> int:
         generate(fresh)
         want, have = generated_files(fresh / "loupe"), generated_files(OUT / "loupe")
         stale = sorted(want ^ have)
-        stale += sorted(f for f in want & have if not filecmp.cmp(fresh / "loupe" / f, OUT / "loupe" / f, shallow=False))
+        stale += sorted(
+            f
+            for f in want & have
+            if not filecmp.cmp(fresh / "loupe" / f, OUT / "loupe" / f, shallow=False)
+        )
         if stale:
             print("generated code is stale; run: python tools/gen_protos.py", file=sys.stderr)
             for f in stale:

@@ -1,0 +1,98 @@
+"""Decoding untrusted image bytes, and boxes in their pixel space.
+
+Both model services decode with this module so that a box means the same pixels to the
+detector, the embedder and the caller: the original image after EXIF orientation.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Only formats with well-exercised decoders; Pillow can open many more (EPS would run Ghostscript).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class InvalidImage(ValueError):
+    """The bytes are not an image Loupe can use; the message tells the caller why."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to an RGB image with EXIF orientation applied; raise InvalidImage otherwise."""
+    if not data:
+        raise InvalidImage("image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidImage(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            if width < 1 or height < 1:
+                raise InvalidImage(f"image has no pixels ({width}x{height})")
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return _to_rgb(image)
+    except InvalidImage:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            f"not a supported image (expected one of {', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InvalidImage(f"image too large: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+        raise InvalidImage(f"image is corrupt or truncated: {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels become white, as a viewer would show them, not black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+
+def clip_box(box: PixelBox, width: int, height: int, *, min_size: float = 2.0) -> PixelBox:
+    """Clip a caller's box to the image; raise InvalidImage when nothing usable is left."""
+    values = (box.x0, box.y0, box.x1, box.y1)
+    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+        raise InvalidImage(f"box {values} has a coordinate that is not a finite number")
+    if box.x1 <= box.x0 or box.y1 <= box.y0:
+        raise InvalidImage(f"box {values} is empty: need x1 > x0 and y1 > y0")
+    clipped = PixelBox(
+        max(0.0, box.x0), max(0.0, box.y0), min(float(width), box.x1), min(float(height), box.y1)
+    )
+    if clipped.width < min_size or clipped.height < min_size:
+        raise InvalidImage(
+            f"box {values} leaves less than {min_size:g}x{min_size:g} pixels inside the "
+            f"{width}x{height} image"
+        )
+    return clipped

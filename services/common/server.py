@@ -1,0 +1,198 @@
+"""The process around every Loupe service: gRPC server, health, reflection, metrics, shutdown.
+
+A service is a small object that registers its servicer, loads what it needs (a model, a
+collection) in `start`, and releases it in `close`. Health says SERVING only after `start`
+returns, and NOT_SERVING as soon as shutdown begins, so load balancers drain it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from services.common import logs
+from services.common.config import ConfigError, ServerSettings
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter(
+    "loupe_grpc_requests_total",
+    "gRPC requests handled, by method and status code.",
+    ["service", "method", "code"],
+)
+LATENCY = Histogram(
+    "loupe_grpc_request_duration_seconds",
+    "Time to handle a gRPC request, by method.",
+    ["service", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+IN_FLIGHT = Gauge(
+    "loupe_grpc_requests_in_flight", "gRPC requests being handled now.", ["service", "method"]
+)
+UP = Gauge("loupe_service_serving", "1 while the service reports SERVING.", ["service"])
+
+
+class Service(Protocol):
+    name: str
+    # Fully qualified gRPC service names, for health and reflection.
+    grpc_services: list[str]
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call, and turns an unexpected exception into INTERNAL.
+
+    The INTERNAL message carries no traceback (that goes to the log): callers see that the
+    fault is ours, not theirs.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method.rsplit("/", 1)[-1]
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        service = self.service
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            in_flight = IN_FLIGHT.labels(service, method)
+            in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                response = await behaviour(request, context)
+                code = _code_of(context) or grpc.StatusCode.OK
+                return response
+            except grpc.aio.AbortError:
+                code = _code_of(context) or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error", extra={"method": method})
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"{service}: internal error in {method}"
+                )
+            finally:
+                in_flight.dec()
+                REQUESTS.labels(service, method, code.name).inc()
+                LATENCY.labels(service, method).observe(time.perf_counter() - started)
+
+        return wrapped
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    code = context.code()
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    # Some grpcio versions return the raw integer.
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+
+
+async def serve(service: Service, settings: ServerSettings) -> None:
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(service.name)], options=server_options(settings)
+    )
+    service.register(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [*service.grpc_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+
+    async def set_health(status: int) -> None:
+        for name in ("", *service.grpc_services):
+            await health.set(name, status)
+        UP.labels(service.name).set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    start_http_server(settings.metrics_port, addr=settings.host)
+    address = f"{settings.host}:{settings.port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    await server.start()
+    log.info("listening", extra={"address": address, "metrics_port": settings.metrics_port})
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    started = time.perf_counter()
+    loading = asyncio.create_task(service.start())
+    waiting = asyncio.create_task(stopping.wait())
+    await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        loading.result()  # a failed load ends the process with its error
+        await set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"load_seconds": round(time.perf_counter() - started, 3)})
+        await waiting
+    else:
+        loading.cancel()
+
+    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    # In-flight calls finish within the grace period; new ones are refused.
+    await server.stop(settings.grace_seconds)
+    await service.close()
+    log.info("stopped")
+
+
+def run(service_name: str, build: Callable[[], Service]) -> None:
+    """Entry point of a service process: read settings, then serve until SIGTERM."""
+    try:
+        settings = ServerSettings.from_env(service_name)
+        logs.configure(service_name, settings.log_level)
+        service = build()
+    except ConfigError as error:
+        print(f"loupe-{service_name}: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        asyncio.run(serve(service, settings))
+    except Exception as error:
+        log.exception("service failed")
+        print(f"loupe-{service_name}: {error}", file=sys.stderr)
+        sys.exit(1)
