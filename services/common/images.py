@@ -33,7 +33,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels}"
                 )
             if width < 1 or height < 1:
                 raise InvalidImage(f"image has no pixels ({width}x{height})")
