@@ -118,3 +118,17 @@ class Hit(_message.Message):
     metadata: _containers.MessageMap[str, Value]
     parts: ScoreParts
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., object_index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., label: _Optional[str] = ..., metadata: _Optional[_Mapping[str, Value]] = ..., parts: _Optional[_Union[ScoreParts, _Mapping]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_name", "model_version", "dimension")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    dimension: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 from loupe.v1 import detection_pb2 as loupe_dot_v1_dot_detection__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -40,6 +41,11 @@ class DetectionServiceStub:
                 request_serializer=loupe_dot_v1_dot_detection__pb2.DetectRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_detection__pb2.DetectResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/loupe.v1.DetectionService/Describe',
+                request_serializer=loupe_dot_v1_dot_common__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_common__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class DetectionServiceServicer:
@@ -52,6 +58,12 @@ class DetectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_DetectionServiceServicer_to_server(servicer, server):
                     servicer.Detect,
                     request_deserializer=loupe_dot_v1_dot_detection__pb2.DetectRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_detection__pb2.DetectResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=loupe_dot_v1_dot_common__pb2.DescribeRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class DetectionService:
             '/loupe.v1.DetectionService/Detect',
             loupe_dot_v1_dot_detection__pb2.DetectRequest.SerializeToString,
             loupe_dot_v1_dot_detection__pb2.DetectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.DetectionService/Describe',
+            loupe_dot_v1_dot_common__pb2.DescribeRequest.SerializeToString,
+            loupe_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

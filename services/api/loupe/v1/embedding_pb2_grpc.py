@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 from loupe.v1 import embedding_pb2 as loupe_dot_v1_dot_embedding__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -41,6 +42,11 @@ class EmbeddingServiceStub:
                 request_serializer=loupe_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/loupe.v1.EmbeddingService/Describe',
+                request_serializer=loupe_dot_v1_dot_common__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_common__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -54,6 +60,12 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +73,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=loupe_dot_v1_dot_embedding__pb2.EmbedRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_embedding__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=loupe_dot_v1_dot_common__pb2.DescribeRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +109,33 @@ class EmbeddingService:
             '/loupe.v1.EmbeddingService/Embed',
             loupe_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
             loupe_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.EmbeddingService/Describe',
+            loupe_dot_v1_dot_common__pb2.DescribeRequest.SerializeToString,
+            loupe_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

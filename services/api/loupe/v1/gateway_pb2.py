@@ -26,7 +26,7 @@ from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 from loupe.v1 import detection_pb2 as loupe_dot_v1_dot_detection__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16loupe/v1/gateway.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\x1a\x18loupe/v1/detection.proto\"\xd1\x01\n\x0cIndexRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.loupe.v1.IndexRequest.MetadataEntry\x12\x0e\n\x06\x64\x65tect\x18\x04 \x01(\x08\x12\x17\n\x0fskip_duplicates\x18\x05 \x01(\x08\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"\x8b\x01\n\tDuplicate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.loupe.v1.Duplicate.Kind\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\x08\n\x04NEAR\x10\x02\"\xc7\x01\n\rIndexResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0f\n\x07indexed\x18\x03 \x01(\x08\x12$\n\x07objects\x18\x04 \x03(\x0b\x32\x13.loupe.v1.Detection\x12\'\n\nduplicates\x18\x05 \x03(\x0b\x32\x13.loupe.v1.Duplicate\x12\x18\n\x10\x65mbedding_cached\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"f\n\x0bIndexResult\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x08response\x18\x04 \x01(\x0b\x32\x17.loupe.v1.IndexResponse\"^\n\x13IndexStreamResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.loupe.v1.IndexResult\x12\x0f\n\x07indexed\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\" \n\rDeleteRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"\\\n\nItemObject\x12\x14\n\x0cobject_index\x18\x01 \x01(\x05\x12\x1a\n\x03\x62ox\x18\x02 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x96\x02\n\x0bGetResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.loupe.v1.GetResponse.MetadataEntry\x12\x13\n\x0bimage_width\x18\x05 \x01(\x05\x12\x14\n\x0cimage_height\x18\x06 \x01(\x05\x12%\n\x07objects\x18\x07 \x03(\x0b\x32\x14.loupe.v1.ItemObject\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"\xac\x02\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x02 \x01(\tH\x00\x12\x1b\n\x04\x63rop\x18\x03 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12 \n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x10.loupe.v1.Filter\x12\x0f\n\x07objects\x18\x06 \x01(\x08\x12\x46\n\x10\x63ontext_metadata\x18\x07 \x03(\x0b\x32,.loupe.v1.SearchRequest.ContextMetadataEntry\x1aG\n\x14\x43ontextMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\x42\x07\n\x05query\"W\n\rObjectResults\x12&\n\tdetection\x18\x01 \x01(\x0b\x32\x13.loupe.v1.Detection\x12\x1e\n\x07results\x18\x02 \x03(\x0b\x32\r.loupe.v1.Hit\"\x81\x01\n\x0eSearchResponse\x12\x1e\n\x07results\x18\x01 \x03(\x0b\x32\r.loupe.v1.Hit\x12(\n\x07objects\x18\x02 \x03(\x0b\x32\x17.loupe.v1.ObjectResults\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t2\xf6\x02\n\x07Gateway\x12\x38\n\x05Index\x12\x16.loupe.v1.IndexRequest\x1a\x17.loupe.v1.IndexResponse\x12\x46\n\x0bIndexStream\x12\x16.loupe.v1.IndexRequest\x1a\x1d.loupe.v1.IndexStreamResponse(\x01\x12;\n\x06\x44\x65lete\x12\x17.loupe.v1.DeleteRequest\x1a\x18.loupe.v1.DeleteResponse\x12\x32\n\x03Get\x12\x14.loupe.v1.GetRequest\x1a\x15.loupe.v1.GetResponse\x12;\n\x06Search\x12\x17.loupe.v1.SearchRequest\x1a\x18.loupe.v1.SearchResponse\x12;\n\x06\x44\x65tect\x12\x17.loupe.v1.DetectRequest\x1a\x18.loupe.v1.DetectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16loupe/v1/gateway.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\x1a\x18loupe/v1/detection.proto\"\xd1\x01\n\x0cIndexRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.loupe.v1.IndexRequest.MetadataEntry\x12\x0e\n\x06\x64\x65tect\x18\x04 \x01(\x08\x12\x17\n\x0fskip_duplicates\x18\x05 \x01(\x08\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"\x8b\x01\n\tDuplicate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.loupe.v1.Duplicate.Kind\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\x08\n\x04NEAR\x10\x02\"\xda\x01\n\rIndexResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0f\n\x07indexed\x18\x03 \x01(\x08\x12$\n\x07objects\x18\x04 \x03(\x0b\x32\x13.loupe.v1.Detection\x12\'\n\nduplicates\x18\x05 \x03(\x0b\x32\x13.loupe.v1.Duplicate\x12\x18\n\x10\x65mbedding_cached\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x11\n\tunchanged\x18\x08 \x01(\x08\"f\n\x0bIndexResult\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x08response\x18\x04 \x01(\x0b\x32\x17.loupe.v1.IndexResponse\"^\n\x13IndexStreamResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.loupe.v1.IndexResult\x12\x0f\n\x07indexed\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\" \n\rDeleteRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"\\\n\nItemObject\x12\x14\n\x0cobject_index\x18\x01 \x01(\x05\x12\x1a\n\x03\x62ox\x18\x02 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x96\x02\n\x0bGetResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.loupe.v1.GetResponse.MetadataEntry\x12\x13\n\x0bimage_width\x18\x05 \x01(\x05\x12\x14\n\x0cimage_height\x18\x06 \x01(\x05\x12%\n\x07objects\x18\x07 \x03(\x0b\x32\x14.loupe.v1.ItemObject\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"\xac\x02\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x02 \x01(\tH\x00\x12\x1b\n\x04\x63rop\x18\x03 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12 \n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x10.loupe.v1.Filter\x12\x0f\n\x07objects\x18\x06 \x01(\x08\x12\x46\n\x10\x63ontext_metadata\x18\x07 \x03(\x0b\x32,.loupe.v1.SearchRequest.ContextMetadataEntry\x1aG\n\x14\x43ontextMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\x42\x07\n\x05query\"W\n\rObjectResults\x12&\n\tdetection\x18\x01 \x01(\x0b\x32\x13.loupe.v1.Detection\x12\x1e\n\x07results\x18\x02 \x03(\x0b\x32\r.loupe.v1.Hit\"\x81\x01\n\x0eSearchResponse\x12\x1e\n\x07results\x18\x01 \x03(\x0b\x32\r.loupe.v1.Hit\x12(\n\x07objects\x18\x02 \x03(\x0b\x32\x17.loupe.v1.ObjectResults\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t2\xf6\x02\n\x07Gateway\x12\x38\n\x05Index\x12\x16.loupe.v1.IndexRequest\x1a\x17.loupe.v1.IndexResponse\x12\x46\n\x0bIndexStream\x12\x16.loupe.v1.IndexRequest\x1a\x1d.loupe.v1.IndexStreamResponse(\x01\x12;\n\x06\x44\x65lete\x12\x17.loupe.v1.DeleteRequest\x1a\x18.loupe.v1.DeleteResponse\x12\x32\n\x03Get\x12\x14.loupe.v1.GetRequest\x1a\x15.loupe.v1.GetResponse\x12;\n\x06Search\x12\x17.loupe.v1.SearchRequest\x1a\x18.loupe.v1.SearchResponse\x12;\n\x06\x44\x65tect\x12\x17.loupe.v1.DetectRequest\x1a\x18.loupe.v1.DetectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DUPLICATE_KIND']._serialized_start=388
   _globals['_DUPLICATE_KIND']._serialized_end=437
   _globals['_INDEXRESPONSE']._serialized_start=440
-  _globals['_INDEXRESPONSE']._serialized_end=639
-  _globals['_INDEXRESULT']._serialized_start=641
-  _globals['_INDEXRESULT']._serialized_end=743
-  _globals['_INDEXSTREAMRESPONSE']._serialized_start=745
-  _globals['_INDEXSTREAMRESPONSE']._serialized_end=839
-  _globals['_DELETEREQUEST']._serialized_start=841
-  _globals['_DELETEREQUEST']._serialized_end=873
-  _globals['_DELETERESPONSE']._serialized_start=875
-  _globals['_DELETERESPONSE']._serialized_end=908
-  _globals['_GETREQUEST']._serialized_start=910
-  _globals['_GETREQUEST']._serialized_end=939
-  _globals['_ITEMOBJECT']._serialized_start=941
-  _globals['_ITEMOBJECT']._serialized_end=1033
-  _globals['_GETRESPONSE']._serialized_start=1036
-  _globals['_GETRESPONSE']._serialized_end=1314
+  _globals['_INDEXRESPONSE']._serialized_end=658
+  _globals['_INDEXRESULT']._serialized_start=660
+  _globals['_INDEXRESULT']._serialized_end=762
+  _globals['_INDEXSTREAMRESPONSE']._serialized_start=764
+  _globals['_INDEXSTREAMRESPONSE']._serialized_end=858
+  _globals['_DELETEREQUEST']._serialized_start=860
+  _globals['_DELETEREQUEST']._serialized_end=892
+  _globals['_DELETERESPONSE']._serialized_start=894
+  _globals['_DELETERESPONSE']._serialized_end=927
+  _globals['_GETREQUEST']._serialized_start=929
+  _globals['_GETREQUEST']._serialized_end=958
+  _globals['_ITEMOBJECT']._serialized_start=960
+  _globals['_ITEMOBJECT']._serialized_end=1052
+  _globals['_GETRESPONSE']._serialized_start=1055
+  _globals['_GETRESPONSE']._serialized_end=1333
   _globals['_GETRESPONSE_METADATAENTRY']._serialized_start=231
   _globals['_GETRESPONSE_METADATAENTRY']._serialized_end=295
-  _globals['_SEARCHREQUEST']._serialized_start=1317
-  _globals['_SEARCHREQUEST']._serialized_end=1617
-  _globals['_SEARCHREQUEST_CONTEXTMETADATAENTRY']._serialized_start=1537
-  _globals['_SEARCHREQUEST_CONTEXTMETADATAENTRY']._serialized_end=1608
-  _globals['_OBJECTRESULTS']._serialized_start=1619
-  _globals['_OBJECTRESULTS']._serialized_end=1706
-  _globals['_SEARCHRESPONSE']._serialized_start=1709
-  _globals['_SEARCHRESPONSE']._serialized_end=1838
-  _globals['_GATEWAY']._serialized_start=1841
-  _globals['_GATEWAY']._serialized_end=2215
+  _globals['_SEARCHREQUEST']._serialized_start=1336
+  _globals['_SEARCHREQUEST']._serialized_end=1636
+  _globals['_SEARCHREQUEST_CONTEXTMETADATAENTRY']._serialized_start=1556
+  _globals['_SEARCHREQUEST_CONTEXTMETADATAENTRY']._serialized_end=1627
+  _globals['_OBJECTRESULTS']._serialized_start=1638
+  _globals['_OBJECTRESULTS']._serialized_end=1725
+  _globals['_SEARCHRESPONSE']._serialized_start=1728
+  _globals['_SEARCHRESPONSE']._serialized_end=1857
+  _globals['_GATEWAY']._serialized_start=1860
+  _globals['_GATEWAY']._serialized_end=2234
 # @@protoc_insertion_point(module_scope)

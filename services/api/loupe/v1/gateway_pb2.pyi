@@ -49,7 +49,7 @@ class Duplicate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., kind: _Optional[_Union[Duplicate.Kind, str]] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class IndexResponse(_message.Message):
-    __slots__ = ("item_id", "content_hash", "indexed", "objects", "duplicates", "embedding_cached", "model_version")
+    __slots__ = ("item_id", "content_hash", "indexed", "objects", "duplicates", "embedding_cached", "model_version", "unchanged")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class IndexResponse(_message.Message):
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_CACHED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     content_hash: str
     indexed: bool
@@ -64,7 +65,8 @@ class IndexResponse(_message.Message):
     duplicates: _containers.RepeatedCompositeFieldContainer[Duplicate]
     embedding_cached: bool
     model_version: str
-    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., indexed: _Optional[bool] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.Detection, _Mapping]]] = ..., duplicates: _Optional[_Iterable[_Union[Duplicate, _Mapping]]] = ..., embedding_cached: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    unchanged: bool
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., indexed: _Optional[bool] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.Detection, _Mapping]]] = ..., duplicates: _Optional[_Iterable[_Union[Duplicate, _Mapping]]] = ..., embedding_cached: _Optional[bool] = ..., model_version: _Optional[str] = ..., unchanged: _Optional[bool] = ...) -> None: ...
 
 class IndexResult(_message.Message):
     __slots__ = ("item_id", "code", "error", "response")

@@ -1,0 +1,508 @@
+"""The `loupe` command: run the embedded stack, index images, search them.
+
+    loupe up [--data-dir DIR]            start redis-server and the five services
+    loupe index PATH... [--detect]       index image files and folders (recursively)
+    loupe search IMAGE... [--box x0,y0,x1,y1] [--objects] [--top-k K] [--json]
+    loupe search --item ID               more like an indexed item
+    loupe down [--data-dir DIR]          stop the stack
+
+Every client command takes --gateway HOST:PORT (or LOUPE_GATEWAY) to use a remote gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import runpy
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from loupe.v1 import common_pb2, detection_pb2, gateway_pb2, gateway_pb2_grpc
+from tqdm import tqdm
+
+from services.cli import output, stack
+from services.cli.client import DEFAULT_DATA_DIR, channel, gateway_address
+
+INDEX_CHUNK = 32
+INDEX_STREAMS_IN_FLIGHT = 2
+SEARCHES_IN_FLIGHT = 4
+# Below the gateway's default LOUPE_MAX_MESSAGE_BYTES (32 MiB), leaving room for metadata.
+MAX_IMAGE_BYTES = 30 << 20
+
+
+class UsageError(Exception):
+    pass
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- argument parsing -------------------------------------------------------------------
+
+
+def parse_value(text: str) -> common_pb2.Value:
+    """`true`/`false` are booleans, anything float() reads is a number, "quoted" is a string."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return common_pb2.Value(string_value=text[1:-1])
+    if text in ("true", "false"):
+        return common_pb2.Value(bool_value=text == "true")
+    try:
+        return common_pb2.Value(number_value=float(text))
+    except ValueError:
+        return common_pb2.Value(string_value=text)
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, common_pb2.Value]:
+    metadata = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--meta {pair!r}: expected KEY=VALUE")
+        metadata[key] = parse_value(value)
+    return metadata
+
+
+def parse_where(conditions: list[str]) -> common_pb2.Filter:
+    """KEY=V, KEY!=V, KEY=V1|V2 (any of), KEY>=N, KEY>N, KEY<=N, KEY<N; all must hold."""
+    result = common_pb2.Filter()
+    for text in conditions:
+        for op in ("!=", ">=", "<=", "=", ">", "<"):
+            key, sep, value = text.partition(op)
+            if sep and key and value:
+                break
+        else:
+            raise UsageError(f"--where {text!r}: expected KEY=VALUE, KEY!=VALUE, KEY>=N, ...")
+        condition = result.all.add(field=key)
+        if op == "=" and "|" in value:
+            condition.any_of.values.extend(parse_value(v) for v in value.split("|"))
+        elif op == "=":
+            condition.equals.CopyFrom(parse_value(value))
+        elif op == "!=":
+            condition.not_equals.CopyFrom(parse_value(value))
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                raise UsageError(f"--where {text!r}: {op} needs a number") from None
+            bound = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}[op]
+            setattr(condition.range, bound, number)
+    return result
+
+
+def parse_box(text: str) -> common_pb2.Box:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--box {text!r}: expected x0,y0,x1,y1 in pixels") from None
+    return common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def image_files(paths: list[str]) -> Iterator[tuple[Path, str]]:
+    """(file, item id): the path relative to the folder given, or the file name."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                yield file, file.relative_to(path).as_posix()
+        elif path.is_file():
+            yield path, path.name
+        else:
+            raise UsageError(f"{raw}: no such file or folder")
+
+
+def rpc_failure(error: grpc.aio.AioRpcError, address: str) -> str:
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        return f"cannot reach the gateway at {address} (is `loupe up` running?): {details}"
+    return f"{error.code().name}: {details}"
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack.up(Path(args.data_dir), args.timeout, say)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stack.down(Path(args.data_dir), say)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = stack.status(Path(args.data_dir))
+    if not rows:
+        say(f"nothing running for {Path(args.data_dir).resolve()}")
+        return 1
+    for name, pid, health in rows:
+        print(f"{name:<10} pid {pid:<8} {health}")
+    return 0 if all(h in ("SERVING", "UP") for _, _, h in rows) else 1
+
+
+async def cmd_index(args: argparse.Namespace) -> int:
+    files = list(image_files(args.paths))
+    metadata = parse_metadata(args.meta)
+    address = gateway_address(args.gateway)
+    counts = {"indexed": 0, "unchanged": 0, "objects": 0, "duplicates": 0, "skipped": 0}
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=args.quiet, mininterval=0.5)
+    streams = asyncio.Semaphore(INDEX_STREAMS_IN_FLIGHT)
+    started = time.perf_counter()
+
+    def report(path: Path, result: gateway_pb2.IndexResult | None, error: str = "") -> None:
+        response = result.response if result is not None and result.code == 0 else None
+        if response is not None and response.indexed:
+            counts["indexed"] += 1
+            counts["unchanged"] += response.unchanged
+            counts["objects"] += len(response.objects)
+        elif response is None:
+            counts["skipped"] += 1
+            error = error or (result.error if result is not None else "")
+            if not args.json:
+                bar.write(f"skipped {path}: {error}", file=sys.stderr)
+        if response is not None and response.duplicates:
+            counts["duplicates"] += 1
+            if not args.json:
+                others = ", ".join(
+                    f"{d.item_id} ({gateway_pb2.Duplicate.Kind.Name(d.kind).lower()} "
+                    f"{d.similarity:.3f})"
+                    for d in response.duplicates
+                )
+                bar.write(f"duplicate: {response.item_id} ~ {others}", file=sys.stderr)
+        if args.json:
+            entry: dict[str, Any] = {"path": str(path)}
+            if response is not None:
+                entry.update(
+                    item_id=response.item_id,
+                    indexed=response.indexed,
+                    unchanged=response.unchanged,
+                    objects=[
+                        {
+                            "label": o.label,
+                            "score": round(o.score, 4),
+                            "box": output.box_list(o.box),
+                        }
+                        for o in response.objects
+                    ],
+                    duplicates=[
+                        {
+                            "item_id": d.item_id,
+                            "kind": gateway_pb2.Duplicate.Kind.Name(d.kind).lower(),
+                            "similarity": round(d.similarity, 6),
+                        }
+                        for d in response.duplicates
+                    ],
+                )
+            else:
+                entry.update(indexed=False, error=error)
+            bar.write(json.dumps(entry), file=sys.stdout)
+        bar.update(1)
+
+    async def index_chunk(
+        stub: gateway_pb2_grpc.GatewayStub, chunk: list[tuple[Path, str]]
+    ) -> None:
+        async with streams:
+            requests, paths = [], []
+            for path, item_id in chunk:
+                try:
+                    size = path.stat().st_size
+                    if size > MAX_IMAGE_BYTES:
+                        report(path, None, f"{size} bytes; the limit is {MAX_IMAGE_BYTES}")
+                        continue
+                    data = path.read_bytes()
+                except OSError as error:
+                    report(path, None, f"cannot read: {error.strerror or error}")
+                    continue
+                requests.append(
+                    gateway_pb2.IndexRequest(
+                        item_id=item_id,
+                        image=data,
+                        metadata=metadata,
+                        detect=args.detect,
+                        skip_duplicates=args.skip_duplicates,
+                    )
+                )
+                paths.append(path)
+            if not requests:
+                return
+            reply = await stub.IndexStream(iter(requests))
+            for path, result in zip(paths, reply.results, strict=True):
+                report(path, result)
+
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        chunks = [files[i : i + INDEX_CHUNK] for i in range(0, len(files), INDEX_CHUNK)]
+        try:
+            await asyncio.gather(*(index_chunk(stub, c) for c in chunks))
+        except grpc.aio.AioRpcError as error:
+            bar.close()
+            say(f"loupe index: {rpc_failure(error, address)}")
+            return 1
+    bar.close()
+    seconds = time.perf_counter() - started
+    say(
+        f"indexed {counts['indexed']} of {len(files)} files "
+        f"({counts['unchanged']} unchanged, {counts['objects']} objects, "
+        f"{counts['duplicates']} with duplicates, {counts['skipped']} skipped) "
+        f"in {seconds:.1f}s ({len(files) / max(seconds, 1e-9):.1f} files/s)"
+    )
+    return 1 if args.strict and counts["skipped"] else 0
+
+
+async def cmd_search(args: argparse.Namespace) -> int:
+    if bool(args.images) == bool(args.item):
+        raise UsageError("give IMAGE paths or --item ID (not both)")
+    if args.item and args.box:
+        raise UsageError("--box applies to image queries, not --item")
+    base = gateway_pb2.SearchRequest(
+        top_k=args.top_k, objects=args.objects, filter=parse_where(args.where)
+    )
+    if args.box:
+        base.crop.CopyFrom(parse_box(args.box))
+    address = gateway_address(args.gateway)
+    queries: list[tuple[str, Path | None]] = [(q, Path(q)) for q in args.images] or [
+        (item, None) for item in args.item
+    ]
+    slots = asyncio.Semaphore(SEARCHES_IN_FLIGHT)
+    failures = 0
+
+    async def search_one(
+        stub: gateway_pb2_grpc.GatewayStub, label: str, path: Path | None
+    ) -> dict[str, Any] | gateway_pb2.SearchResponse:
+        async with slots:
+            request = gateway_pb2.SearchRequest()
+            request.CopyFrom(base)
+            if path is None:
+                request.item_id = label
+            else:
+                try:
+                    request.image = path.read_bytes()
+                except OSError as error:
+                    return {"code": "INVALID_ARGUMENT", "message": f"cannot read: {error}"}
+                if len(request.image) > MAX_IMAGE_BYTES:
+                    return {"code": "RESOURCE_EXHAUSTED", "message": "image too large"}
+            try:
+                return await stub.Search(request)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return {"code": error.code().name, "message": error.details()}
+
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        tasks = [asyncio.create_task(search_one(stub, label, path)) for label, path in queries]
+        try:
+            for (label, _), task in zip(queries, tasks, strict=True):
+                outcome = await task
+                if isinstance(outcome, gateway_pb2.SearchResponse):
+                    if args.json:
+                        print(json.dumps(output.search_json(label, outcome, args.objects)))
+                    else:
+                        print(output.search_text(label, outcome, args.objects))
+                else:
+                    failures += 1
+                    if args.json:
+                        print(json.dumps({"query": label, "error": outcome}))
+                    else:
+                        print(f"{label}\n  error: {outcome['code']}: {outcome['message']}")
+                sys.stdout.flush()
+        except grpc.aio.AioRpcError as error:
+            for task in tasks:
+                task.cancel()
+            say(f"loupe search: {rpc_failure(error, address)}")
+            return 1
+    return 1 if failures else 0
+
+
+async def cmd_detect(args: argparse.Namespace) -> int:
+    address = gateway_address(args.gateway)
+    failures = 0
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        for raw in args.images:
+            try:
+                reply = await stub.Detect(
+                    detection_pb2.DetectRequest(
+                        image=Path(raw).read_bytes(), score_threshold=args.score_threshold
+                    )
+                )
+            except (OSError, grpc.aio.AioRpcError) as error:
+                failures += 1
+                message = (
+                    rpc_failure(error, address)
+                    if isinstance(error, grpc.aio.AioRpcError)
+                    else str(error)
+                )
+                print(
+                    json.dumps({"image": raw, "error": message})
+                    if args.json
+                    else f"{raw}\n  error: {message}"
+                )
+                continue
+            detections = [
+                {"label": d.label, "score": round(d.score, 4), "box": output.box_list(d.box)}
+                for d in reply.detections
+            ]
+            if args.json:
+                print(json.dumps({"image": raw, "detections": detections}))
+            else:
+                print(raw)
+                for d in detections:
+                    print(f"  {d['label']:<16} {d['score']:.2f}  {d['box']}")
+    return 1 if failures else 0
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    address = gateway_address(args.gateway)
+    async with channel(address) as ch:
+        try:
+            item = await gateway_pb2_grpc.GatewayStub(ch).Get(
+                gateway_pb2.GetRequest(item_id=args.item_id)
+            )
+        except grpc.aio.AioRpcError as error:
+            say(f"loupe get: {rpc_failure(error, address)}")
+            return 1
+    from google.protobuf.json_format import MessageToDict
+
+    print(json.dumps(MessageToDict(item), indent=2))
+    return 0
+
+
+async def cmd_delete(args: argparse.Namespace) -> int:
+    address = gateway_address(args.gateway)
+    async with channel(address) as ch:
+        try:
+            reply = await gateway_pb2_grpc.GatewayStub(ch).Delete(
+                gateway_pb2.DeleteRequest(item_id=args.item_id)
+            )
+        except grpc.aio.AioRpcError as error:
+            say(f"loupe delete: {rpc_failure(error, address)}")
+            return 1
+    print("deleted" if reply.deleted else f"no item {args.item_id!r}")
+    return 0 if reply.deleted else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    runpy.run_module(f"services.{args.service}", run_name="__main__")
+    return 0
+
+
+# ---- wiring -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loupe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_data_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--data-dir",
+            default=str(DEFAULT_DATA_DIR),
+            help="where the stack keeps its data, logs and state (default ./.loupe)",
+        )
+        return p
+
+    def with_gateway(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--gateway",
+            metavar="HOST:PORT",
+            help="gateway address (default: LOUPE_GATEWAY, else the local stack)",
+        )
+        return p
+
+    up = with_data_dir(commands.add_parser("up", help="start the embedded stack"))
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
+    up.set_defaults(run=cmd_up)
+    with_data_dir(commands.add_parser("down", help="stop the embedded stack")).set_defaults(
+        run=cmd_down
+    )
+    with_data_dir(commands.add_parser("status", help="health of the local stack")).set_defaults(
+        run=cmd_status
+    )
+
+    index = with_gateway(commands.add_parser("index", help="index image files and folders"))
+    index.add_argument("paths", nargs="+", metavar="PATH")
+    index.add_argument("--detect", action="store_true", help="also index each detected object")
+    index.add_argument(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata for every item of this run (repeatable)",
+    )
+    index.add_argument(
+        "--skip-duplicates",
+        action="store_true",
+        help="do not index an image that duplicates another item",
+    )
+    index.add_argument("--json", action="store_true", help="one JSON line per file")
+    index.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(run=cmd_index)
+
+    search = with_gateway(commands.add_parser("search", help="search by image, crop or item"))
+    search.add_argument("images", nargs="*", metavar="IMAGE")
+    search.add_argument(
+        "--item",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="search like this indexed item (repeatable)",
+    )
+    search.add_argument("--box", metavar="x0,y0,x1,y1", help="search only this region (pixels)")
+    search.add_argument("--objects", action="store_true", help="also search each detected object")
+    search.add_argument("--top-k", type=int, default=10, metavar="K")
+    search.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COND",
+        help="metadata filter: KEY=V, KEY!=V, KEY=V1|V2, KEY>=N, KEY<N, ...",
+    )
+    search.add_argument("--json", action="store_true", help="one JSON object per query per line")
+    search.set_defaults(run=cmd_search)
+
+    detect = with_gateway(commands.add_parser("detect", help="detect objects in images"))
+    detect.add_argument("images", nargs="+", metavar="IMAGE")
+    detect.add_argument("--score-threshold", type=float, default=0.0)
+    detect.add_argument("--json", action="store_true")
+    detect.set_defaults(run=cmd_detect)
+
+    get = with_gateway(commands.add_parser("get", help="show an indexed item"))
+    get.add_argument("item_id")
+    get.set_defaults(run=cmd_get)
+    delete = with_gateway(commands.add_parser("delete", help="delete an indexed item"))
+    delete.add_argument("item_id")
+    delete.set_defaults(run=cmd_delete)
+
+    serve = commands.add_parser("serve", help="run one service in the foreground (containers)")
+    serve.add_argument("service", choices=stack.SERVICES)
+    serve.set_defaults(run=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int | Awaitable[int]] = args.run
+    try:
+        outcome = command(args)
+        if asyncio.iscoroutine(outcome):
+            outcome = asyncio.run(outcome)
+        return int(outcome)  # type: ignore[arg-type]
+    except (UsageError, stack.StackError) as error:
+        say(f"loupe {args.command}: {error}")
+        return 2 if isinstance(error, UsageError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The gateway's view of the four backend services: stubs, deadlines and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loupe.v1 import (
+    common_pb2,
+    detection_pb2_grpc,
+    embedding_pb2_grpc,
+    ranking_pb2_grpc,
+    retrieval_pb2_grpc,
+)
+
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The caller's fault: passed through with the backend's own message.
+CALLER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+MODEL_INFO_TTL_SECONDS = 30.0
+
+
+class RequestError(Exception):
+    """Ends a request (or one item of a stream) with this status and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Backends:
+    def __init__(self, settings: GatewaySettings) -> None:
+        options = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
+        self.addresses = {
+            "detection": settings.detection_address,
+            "embedding": settings.embedding_address,
+            "retrieval": settings.retrieval_address,
+            "ranking": settings.ranking_address,
+        }
+        self._channels = {
+            name: grpc.aio.insecure_channel(address, options=options)
+            for name, address in self.addresses.items()
+        }
+        self.detection = detection_pb2_grpc.DetectionServiceStub(self._channels["detection"])
+        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels["embedding"])
+        self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(self._channels["retrieval"])
+        self.ranking = ranking_pb2_grpc.RankingServiceStub(self._channels["ranking"])
+        self._timeout = settings.backend_timeout_seconds
+        self._model_info: dict[str, tuple[float, common_pb2.ModelInfo]] = {}
+
+    async def call(
+        self,
+        service: str,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        context: grpc.aio.ServicerContext | None,
+    ) -> T:
+        """Call a backend within the caller's deadline; map failures to RequestError."""
+        timeout = self._timeout
+        if context is not None and (remaining := context.time_remaining()) is not None:
+            timeout = min(timeout, max(remaining, 0.001))
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code in CALLER_CODES:
+                raise RequestError(code, error.details() or code.name) from None
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{service} service at {self.addresses[service]} failed: "
+                f"{code.name}: {error.details()}",
+            ) from None
+
+    async def model_info(self, service: str, context: grpc.aio.ServicerContext | None) -> str:
+        """'name/version' of the model behind detection or embedding, refreshed every 30 s so a
+        rolled-out model changes cache keys promptly."""
+        cached = self._model_info.get(service)
+        if cached and time.monotonic() - cached[0] < MODEL_INFO_TTL_SECONDS:
+            info = cached[1]
+        else:
+            stub = self.detection if service == "detection" else self.embedding
+            info = await self.call(service, stub.Describe, common_pb2.DescribeRequest(), context)
+            self._model_info[service] = (time.monotonic(), info)
+        return f"{info.model_name}/{info.model_version}"
+
+    async def wait_until_serving(self) -> None:
+        """Block until every backend's health check says SERVING, logging who is missing."""
+        pending = dict(self._channels)
+        last_report = 0.0
+        while pending:
+            for name, channel in list(pending.items()):
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        del pending[name]
+                except grpc.aio.AioRpcError:
+                    pass
+            if pending:
+                if time.monotonic() - last_report > 10:
+                    log.info("waiting for backends", extra={"pending": sorted(pending)})
+                    last_report = time.monotonic()
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,119 @@
+"""Redis caches for the gateway: embeddings by content, search results by request.
+
+Redis is an optimisation, never a dependency: every failure is counted
+(loupe_gateway_cache_errors_total) and the request goes on uncached. After a failure the
+gateway leaves Redis alone for LOUPE_REDIS_RETRY_SECONDS, so an outage costs one timeout,
+not one per request.
+
+Search results are keyed by an index generation that every write increments, so a write
+makes every older cached result unreachable at once; TTLs reclaim the memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from services.gateway.metrics import CACHE_ERRORS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GENERATION_KEY = "loupe:generation"
+
+
+def embedding_key(embedder: str, detector: str, content_hash: str) -> str:
+    """Vectors of one image content under one model pair ("-" when nothing was detected)."""
+    return f"loupe:emb:{embedder}:{detector}:{content_hash}"
+
+
+def search_key(generation: int, normalised_request: bytes) -> str:
+    digest = hashlib.sha256(normalised_request).hexdigest()
+    return f"loupe:search:{generation}:{digest}"
+
+
+class Cache:
+    def __init__(
+        self,
+        url: str,
+        password: str,
+        timeout_seconds: float,
+        retry_seconds: float,
+        embedding_ttl_seconds: int,
+        search_ttl_seconds: int,
+    ) -> None:
+        self._client = (
+            redis.Redis.from_url(
+                url,
+                password=password or None,
+                socket_timeout=timeout_seconds,
+                socket_connect_timeout=timeout_seconds,
+                retry_on_timeout=False,
+            )
+            if url
+            else None
+        )
+        self._retry_seconds = retry_seconds
+        self._embedding_ttl = embedding_ttl_seconds
+        self._search_ttl = search_ttl_seconds
+        self._skip_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    async def _run(
+        self, operation: str, call: Callable[[redis.Redis], Awaitable[T]]
+    ) -> tuple[bool, T | None]:
+        """(True, result) when Redis answered; (False, None) when disabled or failed."""
+        if self._client is None:
+            return False, None
+        if time.monotonic() < self._skip_until:
+            CACHE_ERRORS.labels(operation).inc()
+            return False, None
+        try:
+            return True, await call(self._client)
+        except (RedisError, OSError, TimeoutError) as error:
+            CACHE_ERRORS.labels(operation).inc()
+            self._skip_until = time.monotonic() + self._retry_seconds
+            log.warning(
+                "redis failed; continuing without cache",
+                extra={
+                    "operation": operation,
+                    "error": str(error),
+                    "retry_seconds": self._retry_seconds,
+                },
+            )
+            return False, None
+
+    async def get_embedding(self, key: str) -> bytes | None:
+        return (await self._run("get_embedding", lambda r: r.get(key)))[1]
+
+    async def set_embedding(self, key: str, value: bytes) -> None:
+        await self._run("set_embedding", lambda r: r.set(key, value, ex=self._embedding_ttl))
+
+    async def generation(self) -> int | None:
+        """The index generation, or None when it cannot be read (then no search is cached)."""
+        answered, value = await self._run("get_generation", lambda r: r.get(GENERATION_KEY))
+        if not answered:
+            return None
+        return int(value) if value is not None else 0
+
+    async def bump_generation(self) -> None:
+        await self._run("bump_generation", lambda r: r.incr(GENERATION_KEY))
+
+    async def get_search(self, key: str) -> bytes | None:
+        return (await self._run("get_search", lambda r: r.get(key)))[1]
+
+    async def set_search(self, key: str, value: bytes) -> None:
+        await self._run("set_search", lambda r: r.set(key, value, ex=self._search_ttl))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -1,0 +1,585 @@
+"""The gateway: Loupe's public API, orchestrating detection, embedding, retrieval and ranking.
+
+Search, in order: resolve the query to vectors (an item's stored vectors, or the image's,
+from the embedding cache or the embedding service, after detection when objects are asked
+for) -> candidates from retrieval (K' rows) -> ranking (full-precision similarity and
+metadata signals, one hit per item) -> top_k. Whole results are cached by request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import grpc
+from loupe.v1 import (
+    common_pb2,
+    detection_pb2,
+    embedding_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ranking_pb2,
+    retrieval_pb2,
+)
+
+from services.gateway import cache as cache_keys
+from services.gateway.backends import Backends, RequestError
+from services.gateway.cache import Cache
+from services.gateway.metrics import (
+    CACHE_HITS,
+    CACHE_MISSES,
+    DUPLICATES,
+    INDEX_FAILURES,
+    ITEMS_INDEXED,
+    STAGE_SECONDS,
+)
+from services.gateway.settings import GatewaySettings
+from services.gateway.validation import (
+    check_item_id,
+    check_metadata,
+    invalid,
+    resolve_top_k,
+)
+
+log = logging.getLogger(__name__)
+NO_DETECTOR = "-"
+# Near-duplicate candidates examined per indexed image.
+NEAR_DUPLICATE_CANDIDATES = 5
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+
+def content_hash_of(image: bytes) -> str:
+    return hashlib.sha256(image).hexdigest()
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, settings: GatewaySettings, backends: Backends, cache: Cache) -> None:
+        self.settings = settings
+        self.backends = backends
+        self.cache = cache
+
+    # ---- RPCs ---------------------------------------------------------------------------
+
+    async def Index(
+        self, request: gateway_pb2.IndexRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.IndexResponse:
+        try:
+            return await self._index(request, context)
+        except RequestError as error:
+            INDEX_FAILURES.labels(error.code.name).inc()
+            await context.abort(error.code, error.message)
+            raise  # unreachable: abort raises
+
+    async def IndexStream(
+        self,
+        request_iterator: AsyncIterator[gateway_pb2.IndexRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> gateway_pb2.IndexStreamResponse:
+        # Items are indexed concurrently, but only `index_concurrency` at a time are held in
+        # memory: the stream is not read further until a slot frees up.
+        slots = asyncio.Semaphore(self.settings.index_concurrency)
+        tasks: list[asyncio.Task[gateway_pb2.IndexResult]] = []
+        received = 0
+        async for request in request_iterator:
+            received += 1
+            if received > self.settings.max_stream_items:
+                tasks.append(asyncio.create_task(self._over_limit(request.item_id)))
+                continue
+            await slots.acquire()
+            tasks.append(asyncio.create_task(self._index_result(request, context, slots)))
+        results = await asyncio.gather(*tasks)
+        indexed = sum(1 for r in results if r.code == 0)
+        return gateway_pb2.IndexStreamResponse(
+            results=results, indexed=indexed, failed=len(results) - indexed
+        )
+
+    async def Delete(
+        self, request: gateway_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DeleteResponse:
+        try:
+            check_item_id(request.item_id)
+            with stage("delete"):
+                reply = await self.backends.call(
+                    "retrieval",
+                    self.backends.retrieval.Delete,
+                    retrieval_pb2.DeleteItemRequest(item_id=request.item_id),
+                    context,
+                )
+            if reply.rows_deleted:
+                await self.cache.bump_generation()
+            return gateway_pb2.DeleteResponse(deleted=reply.rows_deleted > 0)
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+
+    async def Get(
+        self, request: gateway_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetResponse:
+        try:
+            check_item_id(request.item_id)
+            item = await self._stored_item(request.item_id, context, include_vectors=False)
+            return gateway_pb2.GetResponse(
+                item_id=item.item_id,
+                content_hash=item.content_hash,
+                model_version=item.model_version,
+                metadata=item.metadata,
+                image_width=item.image_width,
+                image_height=item.image_height,
+                objects=[
+                    gateway_pb2.ItemObject(
+                        object_index=o.object_index,
+                        box=o.box,
+                        label=o.label,
+                        score=o.detection_score,
+                    )
+                    for o in item.objects
+                    if o.object_index > 0
+                ],
+            )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+
+    async def Detect(
+        self, request: detection_pb2.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> detection_pb2.DetectResponse:
+        try:
+            if not request.image:
+                raise invalid("image is empty")
+            with stage("detect"):
+                return await self.backends.call(
+                    "detection", self.backends.detection.Detect, request, context
+                )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+
+    async def Search(
+        self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SearchResponse:
+        try:
+            return await self._search(request, context)
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+
+    # ---- search -------------------------------------------------------------------------
+
+    async def _search(
+        self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SearchResponse:
+        top_k = resolve_top_k(request.top_k, self.settings.default_top_k, self.settings.max_top_k)
+        query = request.WhichOneof("query")
+        if query is None:
+            raise invalid("set the query: image bytes or item_id")
+        if query == "item_id":
+            check_item_id(request.item_id)
+            if request.HasField("crop"):
+                raise invalid("crop applies to image queries only, not to item_id")
+        elif not request.image:
+            raise invalid("image is empty")
+        check_metadata(request.context_metadata, "context_metadata")
+
+        embedder = await self.backends.model_info("embedding", context)
+        detector = NO_DETECTOR
+        if request.objects and query == "image":
+            detector = await self.backends.model_info("detection", context)
+
+        # The cache key is the request with the image replaced by its hash, plus the models,
+        # under the current index generation.
+        key = None
+        generation = await self.cache.generation()
+        if generation is not None:
+            normalised = gateway_pb2.SearchRequest()
+            normalised.CopyFrom(request)
+            normalised.top_k = top_k
+            image_hash = ""
+            if query == "image":
+                image_hash = content_hash_of(request.image)
+                normalised.ClearField("image")
+            material = normalised.SerializeToString(deterministic=True)
+            key = cache_keys.search_key(
+                generation,
+                b"|".join([material, image_hash.encode(), embedder.encode(), detector.encode()]),
+            )
+            with stage("cache"):
+                cached = await self.cache.get_search(key)
+            if cached is not None:
+                CACHE_HITS.labels("search").inc()
+                response = gateway_pb2.SearchResponse.FromString(cached)
+                response.cached = True
+                return response
+            CACHE_MISSES.labels("search").inc()
+
+        if query == "image":
+            main_vector, object_queries, exclude = await self._image_query(
+                request, embedder, detector, context
+            )
+            query_metadata = dict(request.context_metadata)
+        else:
+            item = await self._stored_item(request.item_id, context, include_vectors=True)
+            main_vector = item.objects[0].vector
+            object_queries = [
+                (self._detection_of(o), o.vector) for o in item.objects[1:] if request.objects
+            ][: self.settings.max_query_objects]
+            exclude = [item.item_id]
+            query_metadata = {**item.metadata, **request.context_metadata}
+
+        response = gateway_pb2.SearchResponse(model_version=embedder)
+        searches = [
+            self._search_vector(main_vector, top_k, request, exclude, query_metadata, context)
+        ]
+        searches += [
+            self._search_vector(vector, top_k, request, exclude, query_metadata, context)
+            for _, vector in object_queries
+        ]
+        results = await asyncio.gather(*searches)
+        response.results.extend(results[0])
+        for (detection, _), hits in zip(object_queries, results[1:], strict=True):
+            response.objects.add(detection=detection, results=hits)
+
+        if key is not None:
+            await self.cache.set_search(key, response.SerializeToString())
+        return response
+
+    async def _image_query(
+        self,
+        request: gateway_pb2.SearchRequest,
+        embedder: str,
+        detector: str,
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[common_pb2.Vector, list[tuple[common_pb2.Detection, common_pb2.Vector]], list[str]]:
+        """Vectors for an image query: the whole image or its crop, and detected objects."""
+        objects: list[tuple[common_pb2.Detection, common_pb2.Vector]] = []
+        whole_vector = None
+        if not request.HasField("crop") or detector != NO_DETECTOR:
+            item, _ = await self._image_vectors(
+                request.image,
+                content_hash_of(request.image),
+                embedder,
+                detector,
+                self.settings.max_query_objects,
+                context,
+            )
+            whole_vector = item.objects[0].vector
+            objects = [(self._detection_of(o), o.vector) for o in item.objects[1:]]
+        if not request.HasField("crop"):
+            assert whole_vector is not None
+            return whole_vector, objects, []
+        with stage("embed"):
+            reply = await self.backends.call(
+                "embedding",
+                self.backends.embedding.Embed,
+                embedding_pb2.EmbedRequest(image=request.image, regions=[request.crop]),
+                context,
+            )
+        return reply.regions[0], objects, []
+
+    async def _search_vector(
+        self,
+        vector: common_pb2.Vector,
+        top_k: int,
+        request: gateway_pb2.SearchRequest,
+        exclude: list[str],
+        query_metadata: dict[str, common_pb2.Value],
+        context: grpc.aio.ServicerContext,
+    ) -> list[common_pb2.Hit]:
+        candidates_wanted = max(self.settings.min_candidates, 4 * top_k)
+        with stage("retrieve"):
+            candidates = await self.backends.call(
+                "retrieval",
+                self.backends.retrieval.Search,
+                retrieval_pb2.RetrievalSearchRequest(
+                    query=vector,
+                    limit=candidates_wanted,
+                    filter=request.filter,
+                    exclude_item_ids=exclude,
+                    include_vectors=True,
+                ),
+                context,
+            )
+        if not candidates.candidates:
+            return []
+        with stage("rank"):
+            ranked = await self.backends.call(
+                "ranking",
+                self.backends.ranking.Rank,
+                ranking_pb2.RankRequest(
+                    query=vector,
+                    candidates=candidates.candidates,
+                    top_k=top_k,
+                    query_metadata=query_metadata,
+                ),
+                context,
+            )
+        return list(ranked.hits)
+
+    # ---- indexing -----------------------------------------------------------------------
+
+    async def _index(
+        self, request: gateway_pb2.IndexRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.IndexResponse:
+        check_item_id(request.item_id)
+        check_metadata(request.metadata)
+        if not request.image:
+            raise invalid("image is empty")
+        content_hash = content_hash_of(request.image)
+        embedder = await self.backends.model_info("embedding", context)
+        detector = (
+            await self.backends.model_info("detection", context) if request.detect else NO_DETECTOR
+        )
+        vectors, embedding_cached = await self._image_vectors(
+            request.image,
+            content_hash,
+            embedder,
+            detector,
+            self.settings.max_index_objects,
+            context,
+        )
+        response = gateway_pb2.IndexResponse(
+            item_id=request.item_id,
+            content_hash=content_hash,
+            model_version=embedder,
+            embedding_cached=embedding_cached,
+            objects=[self._detection_of(o) for o in vectors.objects[1:]],
+        )
+        with stage("duplicates"):
+            duplicates, unchanged = await self._duplicates(
+                request.item_id, content_hash, vectors.objects[0].vector, context
+            )
+        response.duplicates.extend(duplicates)
+        response.unchanged = unchanged
+        for duplicate in duplicates:
+            DUPLICATES.labels(gateway_pb2.Duplicate.Kind.Name(duplicate.kind)).inc()
+        if duplicates and request.skip_duplicates:
+            return response
+
+        item = retrieval_pb2.StoredItem(
+            item_id=request.item_id,
+            content_hash=content_hash,
+            model_version=embedder,
+            metadata=request.metadata,
+            image_width=vectors.image_width,
+            image_height=vectors.image_height,
+            objects=vectors.objects,
+        )
+        with stage("upsert"):
+            await self.backends.call(
+                "retrieval",
+                self.backends.retrieval.Upsert,
+                retrieval_pb2.UpsertRequest(item=item),
+                context,
+            )
+        await self.cache.bump_generation()
+        ITEMS_INDEXED.inc()
+        response.indexed = True
+        return response
+
+    async def _index_result(
+        self,
+        request: gateway_pb2.IndexRequest,
+        context: grpc.aio.ServicerContext,
+        slots: asyncio.Semaphore,
+    ) -> gateway_pb2.IndexResult:
+        try:
+            response = await self._index(request, context)
+            return gateway_pb2.IndexResult(item_id=request.item_id, response=response)
+        except RequestError as error:
+            INDEX_FAILURES.labels(error.code.name).inc()
+            return gateway_pb2.IndexResult(
+                item_id=request.item_id, code=error.code.value[0], error=error.message
+            )
+        except Exception:
+            # One broken item must not fail the stream; the log has the traceback.
+            log.exception("indexing an item failed", extra={"item_id": request.item_id})
+            INDEX_FAILURES.labels("INTERNAL").inc()
+            return gateway_pb2.IndexResult(
+                item_id=request.item_id,
+                code=grpc.StatusCode.INTERNAL.value[0],
+                error="internal error while indexing this item",
+            )
+        finally:
+            slots.release()
+
+    async def _over_limit(self, item_id: str) -> gateway_pb2.IndexResult:
+        INDEX_FAILURES.labels("RESOURCE_EXHAUSTED").inc()
+        return gateway_pb2.IndexResult(
+            item_id=item_id,
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+            error=f"a stream takes at most {self.settings.max_stream_items} items; "
+            "send the rest in another stream",
+        )
+
+    async def _duplicates(
+        self,
+        item_id: str,
+        content_hash: str,
+        vector: common_pb2.Vector,
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[list[gateway_pb2.Duplicate], bool]:
+        """Other items with the same bytes (EXACT) or a whole-image cosine at or above the
+        threshold (NEAR); and whether this item is already stored with the same bytes."""
+        same_bytes, nearest = await asyncio.gather(
+            self.backends.call(
+                "retrieval",
+                self.backends.retrieval.Lookup,
+                retrieval_pb2.LookupRequest(content_hash=content_hash, limit=10),
+                context,
+            ),
+            self.backends.call(
+                "retrieval",
+                self.backends.retrieval.Search,
+                retrieval_pb2.RetrievalSearchRequest(
+                    query=vector,
+                    limit=NEAR_DUPLICATE_CANDIDATES,
+                    exclude_item_ids=[item_id],
+                    whole_images_only=True,
+                ),
+                context,
+            ),
+        )
+        unchanged = any(i.item_id == item_id for i in same_bytes.items)
+        duplicates = [
+            gateway_pb2.Duplicate(
+                item_id=i.item_id, kind=gateway_pb2.Duplicate.EXACT, similarity=1.0
+            )
+            for i in same_bytes.items
+            if i.item_id != item_id
+        ]
+        seen = {d.item_id for d in duplicates}
+        duplicates += [
+            gateway_pb2.Duplicate(
+                item_id=c.item_id, kind=gateway_pb2.Duplicate.NEAR, similarity=c.ann_score
+            )
+            for c in nearest.candidates
+            if c.ann_score >= self.settings.duplicate_threshold and c.item_id not in seen
+        ]
+        return duplicates, unchanged
+
+    # ---- vectors ------------------------------------------------------------------------
+
+    async def _image_vectors(
+        self,
+        image: bytes,
+        content_hash: str,
+        embedder: str,
+        detector: str,
+        max_objects: int,
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[retrieval_pb2.StoredItem, bool]:
+        """Object 0 (the whole image) and, with a detector, each detected object, with vectors;
+        and whether they came from the cache.
+
+        The same bytes under the same models are embedded once: the result is cached by
+        content hash.
+        """
+        key = cache_keys.embedding_key(embedder, detector, content_hash)
+        with stage("cache"):
+            cached = await self.cache.get_embedding(key)
+        if cached is not None:
+            CACHE_HITS.labels("embedding").inc()
+            return retrieval_pb2.StoredItem.FromString(cached), True
+        CACHE_MISSES.labels("embedding").inc()
+
+        detections: list[common_pb2.Detection] = []
+        if detector != NO_DETECTOR:
+            with stage("detect"):
+                found = await self.backends.call(
+                    "detection",
+                    self.backends.detection.Detect,
+                    detection_pb2.DetectRequest(image=image),
+                    context,
+                )
+            side = self.settings.min_object_pixels
+            detections = [
+                d
+                for d in found.detections
+                if d.box.x1 - d.box.x0 >= side and d.box.y1 - d.box.y0 >= side
+            ][:max_objects]
+        with stage("embed"):
+            embedded = await self.backends.call(
+                "embedding",
+                self.backends.embedding.Embed,
+                embedding_pb2.EmbedRequest(
+                    image=image, whole_image=True, regions=[d.box for d in detections]
+                ),
+                context,
+            )
+        item = retrieval_pb2.StoredItem(
+            image_width=embedded.image_width, image_height=embedded.image_height
+        )
+        item.objects.add(object_index=0, vector=embedded.whole_image)
+        for index, (detection, vector) in enumerate(
+            zip(detections, embedded.regions, strict=True), start=1
+        ):
+            item.objects.add(
+                object_index=index,
+                box=detection.box,
+                label=detection.label,
+                detection_score=detection.score,
+                vector=vector,
+            )
+        await self.cache.set_embedding(key, item.SerializeToString())
+        return item, False
+
+    async def _stored_item(
+        self, item_id: str, context: grpc.aio.ServicerContext, *, include_vectors: bool
+    ) -> retrieval_pb2.StoredItem:
+        with stage("lookup"):
+            found = await self.backends.call(
+                "retrieval",
+                self.backends.retrieval.Lookup,
+                retrieval_pb2.LookupRequest(item_id=item_id, include_vectors=include_vectors),
+                context,
+            )
+        if not found.items:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
+        return found.items[0]
+
+    @staticmethod
+    def _detection_of(stored: retrieval_pb2.StoredObject) -> common_pb2.Detection:
+        return common_pb2.Detection(
+            box=stored.box, label=stored.label, score=stored.detection_score
+        )
+
+
+class GatewayService:
+    name = "gateway"
+    grpc_services = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.backends = Backends(settings)
+        self.cache = Cache(
+            settings.redis_url,
+            settings.redis_password,
+            settings.redis_timeout_seconds,
+            settings.redis_retry_seconds,
+            settings.embedding_cache_ttl_seconds,
+            settings.search_cache_ttl_seconds,
+        )
+
+    def register(self, server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(
+            GatewayServicer(self.settings, self.backends, self.cache), server
+        )
+
+    async def start(self) -> None:
+        # SERVING means a search can succeed: every backend must be up first.
+        await self.backends.wait_until_serving()
+
+    async def close(self) -> None:
+        await self.backends.close()
+        await self.cache.close()

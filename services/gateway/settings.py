@@ -1,0 +1,77 @@
+"""Gateway configuration (LOUPE_* environment variables; defaults in the README)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, env_address, env_float, env_int, env_str
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    detection_address: str
+    embedding_address: str
+    retrieval_address: str
+    ranking_address: str
+    # Empty disables caching.
+    redis_url: str
+    redis_password: str
+    redis_timeout_seconds: float
+    # After a Redis failure, skip Redis for this long rather than pay a timeout per request.
+    redis_retry_seconds: float
+    embedding_cache_ttl_seconds: int
+    search_cache_ttl_seconds: int
+    backend_timeout_seconds: float
+    default_top_k: int
+    max_top_k: int
+    # Rows fetched from retrieval per query (K'): at least this many, and 4 x top_k.
+    min_candidates: int
+    duplicate_threshold: float
+    max_query_objects: int
+    max_index_objects: int
+    min_object_pixels: int
+    index_concurrency: int
+    max_stream_items: int
+
+    @classmethod
+    def from_env(cls) -> GatewaySettings:
+        settings = cls(
+            detection_address=env_address("LOUPE_DETECTION_ADDR", "127.0.0.1:50052"),
+            embedding_address=env_address("LOUPE_EMBEDDING_ADDR", "127.0.0.1:50053"),
+            retrieval_address=env_address("LOUPE_RETRIEVAL_ADDR", "127.0.0.1:50054"),
+            ranking_address=env_address("LOUPE_RANKING_ADDR", "127.0.0.1:50055"),
+            redis_url=env_str("LOUPE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_password=env_str("LOUPE_REDIS_PASSWORD", ""),
+            redis_timeout_seconds=env_float("LOUPE_REDIS_TIMEOUT_SECONDS", 0.25, minimum=0.001),
+            redis_retry_seconds=env_float("LOUPE_REDIS_RETRY_SECONDS", 5.0, minimum=0.0),
+            embedding_cache_ttl_seconds=env_int(
+                "LOUPE_CACHE_EMBEDDING_TTL_SECONDS", 7 * 24 * 3600, minimum=1
+            ),
+            search_cache_ttl_seconds=env_int("LOUPE_CACHE_SEARCH_TTL_SECONDS", 600, minimum=1),
+            backend_timeout_seconds=env_float(
+                "LOUPE_GATEWAY_BACKEND_TIMEOUT_SECONDS", 30.0, minimum=0.1
+            ),
+            default_top_k=env_int("LOUPE_GATEWAY_DEFAULT_TOP_K", 10, minimum=1),
+            max_top_k=env_int("LOUPE_GATEWAY_MAX_TOP_K", 500, minimum=1, maximum=1000),
+            min_candidates=env_int("LOUPE_GATEWAY_MIN_CANDIDATES", 100, minimum=1),
+            duplicate_threshold=env_float(
+                "LOUPE_DUPLICATE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0
+            ),
+            max_query_objects=env_int("LOUPE_GATEWAY_MAX_QUERY_OBJECTS", 8, minimum=1),
+            max_index_objects=env_int("LOUPE_GATEWAY_MAX_INDEX_OBJECTS", 10, minimum=0),
+            min_object_pixels=env_int("LOUPE_GATEWAY_MIN_OBJECT_PIXELS", 32, minimum=2),
+            index_concurrency=env_int("LOUPE_GATEWAY_INDEX_CONCURRENCY", 4, minimum=1, maximum=64),
+            max_stream_items=env_int("LOUPE_GATEWAY_MAX_STREAM_ITEMS", 10_000, minimum=1),
+        )
+        if settings.default_top_k > settings.max_top_k:
+            raise ConfigError(
+                f"LOUPE_GATEWAY_DEFAULT_TOP_K={settings.default_top_k} exceeds "
+                f"LOUPE_GATEWAY_MAX_TOP_K={settings.max_top_k}"
+            )
+        if settings.redis_url and not settings.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"LOUPE_REDIS_URL={settings.redis_url!r}: expected redis://, rediss:// or unix://"
+            )
+        return settings

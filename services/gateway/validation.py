@@ -1,0 +1,53 @@
+"""Checks on what callers send, with messages that say how to fix the request."""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+
+from loupe.v1 import common_pb2
+
+from services.gateway.backends import RequestError, grpc
+
+MAX_ITEM_ID_LENGTH = 512
+MAX_STRING_VALUE_LENGTH = 4096
+MAX_METADATA_KEYS = 64
+METADATA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_item_id(item_id: str) -> None:
+    if not item_id:
+        raise invalid("item_id is empty")
+    if len(item_id) > MAX_ITEM_ID_LENGTH:
+        raise invalid(f"item_id has {len(item_id)} characters; the limit is {MAX_ITEM_ID_LENGTH}")
+    if any(unicodedata.category(c) == "Cc" for c in item_id):
+        raise invalid(f"item_id {item_id!r} contains control characters")
+
+
+def check_metadata(metadata: dict[str, common_pb2.Value] | object, what: str = "metadata") -> None:
+    items = list(metadata.items())  # type: ignore[attr-defined]
+    if len(items) > MAX_METADATA_KEYS:
+        raise invalid(f"{what} has {len(items)} keys; the limit is {MAX_METADATA_KEYS}")
+    for key, value in items:
+        if not METADATA_KEY.fullmatch(key):
+            raise invalid(f"{what} key {key!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            raise invalid(f"{what}[{key!r}] has no value")
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            raise invalid(f"{what}[{key!r}] is not a finite number")
+        if kind == "string_value" and len(value.string_value) > MAX_STRING_VALUE_LENGTH:
+            raise invalid(f"{what}[{key!r}] is longer than {MAX_STRING_VALUE_LENGTH} characters")
+
+
+def resolve_top_k(top_k: int, default: int, maximum: int) -> int:
+    if top_k == 0:
+        return default
+    if not 1 <= top_k <= maximum:
+        raise invalid(f"top_k={top_k}: must be between 1 and {maximum}")
+    return top_k
