@@ -1,0 +1,391 @@
+"""The whole stack, as users run it: `loupe up` starts five service processes, milvus-lite
+and a real redis-server on loopback; `loupe index` / `loupe search` and the gateway's gRPC
+API are used against it.
+
+Tests run in file order and share one stack (building it costs a minute): indexing first,
+quality next, then behaviour, then faults (Redis killed), then a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("LOUPE_SHARED_DIR", ROOT.parent / "shared"))
+COREL = SHARED / "data" / "corel1k" / "images"
+COCO = SHARED / "data" / "coco128-val"
+LOUPE = str(Path(sys.executable).parent / "loupe")
+SERVICES = ("gateway", "detection", "embedding", "retrieval", "ranking")
+# A COCO val image whose ground truth has a person covering most of the frame.
+COCO_PERSON = "000000001296"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not COREL.is_dir(), reason=f"no Corel-1k images at {COREL}"),
+    pytest.mark.skipif(
+        not (ROOT / "models" / "embedder" / "1" / "model.onnx").is_file(),
+        reason="models not built: python models/build_models.py",
+    ),
+]
+
+
+def corel_class(item_id: str) -> int:
+    return int(Path(item_id).stem) // 100
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    env: dict[str, str]
+    ports: dict[str, int]
+    metrics_ports: dict[str, int]
+    gateway: str
+
+    def loupe(
+        self, *args: str, check: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [LOUPE, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"loupe {' '.join(args[:3])} exited {result.returncode}\n"
+                f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}"
+            )
+        return result
+
+    def stub(self) -> gateway_pb2_grpc.GatewayStub:
+        channel = grpc.insecure_channel(
+            self.gateway, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
+        return gateway_pb2_grpc.GatewayStub(channel)
+
+    def metrics(self, service: str) -> str:
+        url = f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    def health(self, service: str) -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports[service]}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        return reply.status
+
+    def state(self) -> dict:
+        return json.loads((self.data_dir / "run" / "stack.json").read_text())
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        sample, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in sample for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("loupe-data")
+    ports = free_ports(2 * len(SERVICES) + 1)
+    env = dict(os.environ)
+    grpc_ports = dict(zip(SERVICES, ports[: len(SERVICES)], strict=True))
+    metrics_ports = dict(zip(SERVICES, ports[len(SERVICES) : 2 * len(SERVICES)], strict=True))
+    for name in SERVICES:
+        env[f"LOUPE_{name.upper()}_PORT"] = str(grpc_ports[name])
+        env[f"LOUPE_{name.upper()}_METRICS_PORT"] = str(metrics_ports[name])
+    env["LOUPE_REDIS_PORT"] = str(ports[-1])
+    env["LOUPE_GATEWAY"] = f"127.0.0.1:{grpc_ports['gateway']}"
+    # Short enough that the Redis-outage test sees the gateway try Redis again.
+    env["LOUPE_REDIS_RETRY_SECONDS"] = "1"
+    running = Stack(data_dir, env, grpc_ports, metrics_ports, env["LOUPE_GATEWAY"])
+    running.loupe("up", "--data-dir", str(data_dir))
+    try:
+        yield running
+    finally:
+        running.loupe("down", "--data-dir", str(data_dir), check=False)
+
+
+@pytest.fixture(scope="module")
+def corel_indexed(stack: Stack) -> dict[str, dict]:
+    result = stack.loupe("index", str(COREL), "--json", "--quiet")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    return {entry["item_id"]: entry for entry in lines if entry.get("indexed")}
+
+
+def search_json(stack: Stack, *args: str) -> list[dict]:
+    result = stack.loupe("search", *args, "--json")
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_every_corel_image_is_indexed(corel_indexed: dict[str, dict]) -> None:
+    assert len(corel_indexed) == 1000
+
+
+def test_image_queries_precision_at_10(stack: Stack, corel_indexed: dict) -> None:
+    queries = [str(COREL / f"{c * 100 + i}.jpg") for c in range(10) for i in range(0, 100, 10)]
+    answers = search_json(stack, *queries, "--top-k", "11")
+    assert len(answers) == len(queries)
+    precisions = []
+    for query, answer in zip(queries, answers, strict=True):
+        me = Path(query).name
+        # The query is indexed too: it comes first, and the protocol leaves it out.
+        assert answer["results"][0]["item_id"] == me
+        others = [r["item_id"] for r in answer["results"] if r["item_id"] != me][:10]
+        precisions.append(sum(corel_class(o) == corel_class(me) for o in others) / 10)
+    p_at_10 = sum(precisions) / len(precisions)
+    print(f"image-query P@10 over {len(queries)} queries: {p_at_10:.3f}")
+    assert p_at_10 >= 0.90
+
+
+def test_item_queries_return_same_class_and_never_the_item(
+    stack: Stack, corel_indexed: dict
+) -> None:
+    items = [f"{i}.jpg" for i in range(1000)]
+    args = [a for item in items for a in ("--item", item)]
+    answers = search_json(stack, *args, "--top-k", "10")
+    assert [a["query"] for a in answers] == items
+    precision = 0.0
+    for answer in answers:
+        ids = [r["item_id"] for r in answer["results"]]
+        assert len(ids) == 10
+        assert answer["query"] not in ids
+        precision += sum(corel_class(i) == corel_class(answer["query"]) for i in ids) / 10
+    p_at_10 = precision / len(items)
+    print(f"item-query P@10 over all 1000 items: {p_at_10:.3f}")
+    assert p_at_10 >= 0.90
+
+
+def test_crop_finds_its_source_first(stack: Stack, corel_indexed: dict) -> None:
+    for item in ("123.jpg", "456.jpg", "789.jpg"):
+        # Corel images are 384x256 or 256x384: this box is inside either, off-centre.
+        answer = search_json(stack, str(COREL / item), "--box", "30,40,230,240", "--top-k", "3")[0]
+        assert answer["results"][0]["item_id"] == item, answer
+
+
+def test_objects_mode_returns_a_person_with_results(stack: Stack, corel_indexed: dict) -> None:
+    image = COCO / "images" / f"{COCO_PERSON}.jpg"
+    if not image.is_file():
+        pytest.skip(f"no {image}")
+    answer = search_json(stack, str(image), "--objects", "--top-k", "5")[0]
+    assert answer["results"], "whole-image results are returned beside the objects"
+    people = [o for o in answer["objects"] if o["label"] == "person"]
+    assert people, answer["objects"]
+    person = people[0]
+    x0, y0, x1, y1 = person["box"]
+    assert x1 > x0 and y1 > y0
+    assert len(person["results"]) == 5
+
+
+def test_identical_reupload_is_reported_as_exact_duplicate(
+    stack: Stack, corel_indexed: dict, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy-of-5.jpg"
+    shutil.copy(COREL / "5.jpg", copy)
+    entry = json.loads(stack.loupe("index", str(copy), "--json", "--quiet").stdout)
+    assert entry["indexed"]
+    assert {"item_id": "5.jpg", "kind": "exact", "similarity": 1.0} in entry["duplicates"]
+
+
+def test_reencoded_image_is_a_near_duplicate(
+    stack: Stack, corel_indexed: dict, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    copy = tmp_path / "recompressed-6.jpg"
+    Image.open(COREL / "6.jpg").save(copy, quality=70)
+    entry = json.loads(stack.loupe("index", str(copy), "--json", "--quiet").stdout)
+    near = [d for d in entry["duplicates"] if d["kind"] == "near"]
+    assert near and near[0]["item_id"] == "6.jpg", entry
+
+
+def test_reindexing_the_same_item_is_unchanged(stack: Stack, corel_indexed: dict) -> None:
+    entry = json.loads(stack.loupe("index", str(COREL / "7.jpg"), "--json", "--quiet").stdout)
+    assert entry["indexed"] and entry["unchanged"]
+    assert not [d for d in entry["duplicates"] if d["item_id"] == "7.jpg"]
+
+
+def test_repeated_search_is_served_from_cache(stack: Stack, corel_indexed: dict) -> None:
+    stub = stack.stub()
+    request = gateway_pb2.SearchRequest(image=(COREL / "321.jpg").read_bytes(), top_k=7)
+    before = metric_value(
+        stack.metrics("gateway"), "loupe_gateway_cache_hits_total", cache="search"
+    )
+    first = stub.Search(request, timeout=30)
+    second = stub.Search(request, timeout=30)
+    after = metric_value(stack.metrics("gateway"), "loupe_gateway_cache_hits_total", cache="search")
+    assert not first.cached and second.cached
+    assert [h.item_id for h in second.results] == [h.item_id for h in first.results]
+    assert after >= before + 1
+
+
+def test_a_write_invalidates_cached_results(stack: Stack, corel_indexed: dict) -> None:
+    stub = stack.stub()
+    request = gateway_pb2.SearchRequest(item_id="42.jpg", top_k=5)
+    stub.Search(request, timeout=30)
+    assert stub.Search(request, timeout=30).cached
+    stub.Index(gateway_pb2.IndexRequest(item_id="extra.jpg", image=(COREL / "43.jpg").read_bytes()))
+    assert not stub.Search(request, timeout=30).cached
+    assert stub.Delete(gateway_pb2.DeleteRequest(item_id="extra.jpg")).deleted
+
+
+def test_filters_and_metadata(stack: Stack, corel_indexed: dict) -> None:
+    stub = stack.stub()
+    for i, category in ((900, "food"), (901, "food"), (902, 'tricky" or item_id != "')):
+        stub.Index(
+            gateway_pb2.IndexRequest(
+                item_id=f"meta-{i}",
+                image=(COREL / f"{i}.jpg").read_bytes(),
+                metadata={
+                    "category": common_pb2.Value(string_value=category),
+                    "popularity": common_pb2.Value(number_value=i),
+                },
+            )
+        )
+    answers = search_json(
+        stack, str(COREL / "903.jpg"), "--where", "category=food", "--where", "popularity>=901"
+    )
+    assert [r["item_id"] for r in answers[0]["results"]] == ["meta-901"]
+    hostile = gateway_pb2.SearchRequest(
+        image=(COREL / "903.jpg").read_bytes(),
+        filter=common_pb2.Filter(
+            all=[
+                common_pb2.Condition(
+                    field="category",
+                    equals=common_pb2.Value(string_value='tricky" or item_id != "'),
+                )
+            ]
+        ),
+    )
+    assert [h.item_id for h in stack.stub().Search(hostile).results] == ["meta-902"]
+    bad_key = gateway_pb2.SearchRequest(
+        item_id="1.jpg",
+        filter=common_pb2.Filter(
+            all=[common_pb2.Condition(field="x) or (1", equals=common_pb2.Value(number_value=1))]
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Search(bad_key)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for i in (900, 901, 902):
+        stub.Delete(gateway_pb2.DeleteRequest(item_id=f"meta-{i}"))
+
+
+def test_get_and_delete(stack: Stack, corel_indexed: dict, tmp_path: Path) -> None:
+    shutil.copy(COREL / "8.jpg", tmp_path / "to-delete.jpg")
+    stack.loupe("index", str(tmp_path / "to-delete.jpg"), "--quiet")
+    item = json.loads(stack.loupe("get", "to-delete.jpg").stdout)
+    assert item["itemId"] == "to-delete.jpg" and len(item["contentHash"]) == 64
+    assert stack.loupe("delete", "to-delete.jpg").stdout.strip() == "deleted"
+    missing = stack.loupe("get", "to-delete.jpg", check=False)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_every_service_exports_request_counters_and_latency(
+    stack: Stack, corel_indexed: dict
+) -> None:
+    for service in SERVICES:
+        text = stack.metrics(service)
+        assert metric_value(text, "loupe_grpc_requests_total", service=service) > 0, service
+        assert (
+            metric_value(text, "loupe_grpc_request_duration_seconds_count", service=service) > 0
+        ), service
+        assert (
+            metric_value(text, "loupe_grpc_request_duration_seconds_bucket", service=service) > 0
+        ), service
+    gateway = stack.metrics("gateway")
+    for stage in ("embed", "retrieve", "rank"):
+        assert metric_value(gateway, "loupe_gateway_stage_duration_seconds_count", stage=stage) > 0
+
+
+def test_bad_images_get_invalid_argument_and_nothing_breaks(
+    stack: Stack, corel_indexed: dict, tmp_path: Path
+) -> None:
+    stub = stack.stub()
+    truncated = (COREL / "10.jpg").read_bytes()[:700]
+    for image in (truncated, b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 64):
+        calls = [
+            (stub.Search, gateway_pb2.SearchRequest(image=image)),
+            (stub.Index, gateway_pb2.IndexRequest(item_id="bad", image=image)),
+            (stub.Search, gateway_pb2.SearchRequest(image=image, objects=True)),
+        ]
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as error:
+                method(request, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Search(gateway_pb2.SearchRequest(item_id="no-such-item"), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # A folder with broken files: they are reported and skipped, the rest is indexed.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(truncated)
+    (folder / "notes.txt").write_text("hello")
+    shutil.copy(COREL / "11.jpg", folder / "good.jpg")
+    result = stack.loupe("index", str(folder), "--json", "--quiet")
+    entries = {Path(e["path"]).name: e for e in map(json.loads, result.stdout.splitlines())}
+    assert entries["good.jpg"]["indexed"]
+    assert not entries["broken.jpg"]["indexed"] and "corrupt" in entries["broken.jpg"]["error"]
+    assert not entries["notes.txt"]["indexed"]
+    stub.Delete(gateway_pb2.DeleteRequest(item_id="good.jpg"))
+
+    for service in SERVICES:
+        assert stack.health(service) == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_searches_go_on_when_redis_dies(stack: Stack, corel_indexed: dict) -> None:
+    redis_pid = next(p["pid"] for p in stack.state()["processes"] if p["name"] == "redis")
+    os.kill(redis_pid, signal.SIGKILL)
+    time.sleep(0.5)
+    stub = stack.stub()
+    before = metric_value(stack.metrics("gateway"), "loupe_gateway_cache_errors_total")
+    for i in range(3):
+        reply = stub.Search(gateway_pb2.SearchRequest(item_id=f"{500 + i}.jpg"), timeout=30)
+        assert len(reply.results) == 10 and not reply.cached
+    reply = stub.Index(
+        gateway_pb2.IndexRequest(item_id="during-outage", image=(COREL / "12.jpg").read_bytes())
+    )
+    assert reply.indexed
+    after = metric_value(stack.metrics("gateway"), "loupe_gateway_cache_errors_total")
+    assert after > before
+
+
+def test_data_survives_a_restart(stack: Stack, corel_indexed: dict) -> None:
+    stack.loupe("down", "--data-dir", str(stack.data_dir))
+    assert not (stack.data_dir / "run" / "stack.json").exists()
+    stack.loupe("up", "--data-dir", str(stack.data_dir))
+    item = json.loads(stack.loupe("get", "during-outage").stdout)
+    assert item["itemId"] == "during-outage"
+    answer = search_json(stack, "--item", "250.jpg")[0]
+    assert len(answer["results"]) == 10

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up, then run every check CI runs: generated code current, lint, format, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tools/setup.sh
+echo "==> generated gRPC code is current"
+.venv/bin/python tools/gen_protos.py --check
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "==> pytest"
+.venv/bin/python -m pytest "$@"
