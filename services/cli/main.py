@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from loupe.v1 import common_pb2, detection_pb2, gateway_pb2, gateway_pb2_grpc
 from tqdm import tqdm
 
+from loupe.v1 import common_pb2, detection_pb2, gateway_pb2, gateway_pb2_grpc
 from services.cli import output, stack
 from services.cli.client import DEFAULT_DATA_DIR, channel, gateway_address
 

@@ -164,20 +164,22 @@ async def serve(service: Service, settings: ServerSettings) -> None:
     started = time.perf_counter()
     loading = asyncio.create_task(service.start())
     waiting = asyncio.create_task(stopping.wait())
-    await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    if loading.done():
-        loading.result()  # a failed load ends the process with its error
-        await set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"load_seconds": round(time.perf_counter() - started, 3)})
-        await waiting
-    else:
-        loading.cancel()
-
-    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
-    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-    # In-flight calls finish within the grace period; new ones are refused.
-    await server.stop(settings.grace_seconds)
-    await service.close()
+    try:
+        await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # a failed load ends the process with its error
+            await set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra={"load_seconds": round(time.perf_counter() - started, 3)})
+            await waiting
+        else:
+            loading.cancel()
+        log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        waiting.cancel()
+        # In-flight calls finish within the grace period; new ones are refused.
+        await server.stop(settings.grace_seconds)
+        await service.close()
     log.info("stopped")
 
 

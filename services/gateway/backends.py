@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loupe.v1 import (
     common_pb2,
     detection_pb2_grpc,
@@ -17,7 +18,6 @@ from loupe.v1 import (
     ranking_pb2_grpc,
     retrieval_pb2_grpc,
 )
-
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import grpc
+
 from loupe.v1 import (
     common_pb2,
     detection_pb2,
@@ -25,7 +26,6 @@ from loupe.v1 import (
     ranking_pb2,
     retrieval_pb2,
 )
-
 from services.gateway import cache as cache_keys
 from services.gateway.backends import Backends, RequestError
 from services.gateway.cache import Cache

@@ -7,7 +7,6 @@ import re
 import unicodedata
 
 from loupe.v1 import common_pb2
-
 from services.gateway.backends import RequestError, grpc
 
 MAX_ITEM_ID_LENGTH = 512

@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from loupe.v1 import common_pb2, gateway_pb2
 
+from loupe.v1 import common_pb2, gateway_pb2
 from services.cli.stack import redis_server_binary
 from services.gateway.cache import Cache, embedding_key, search_key
 from services.gateway.metrics import CACHE_ERRORS

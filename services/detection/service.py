@@ -1,0 +1,144 @@
+"""The detection service: image bytes in, YOLOX boxes in original pixels out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from PIL import Image
+
+from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
+from services.common.config import ConfigError
+from services.common.images import InvalidImage, decode_image
+from services.common.inference import InferenceBackend, create_backend, load_model_spec
+from services.common.inference_metrics import observed_infer
+from services.detection.labels import LABEL_SETS
+from services.detection.preprocess import Letterboxed, LetterboxPreprocessing
+from services.detection.settings import MAX_DETECTIONS_LIMIT, DetectionSettings
+from services.detection.yolox import Detections, YoloxDecoder
+
+log = logging.getLogger(__name__)
+
+
+class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
+    name = "detection"
+    grpc_services = [detection_pb2.DESCRIPTOR.services_by_name["DetectionService"].full_name]
+
+    def __init__(self, settings: DetectionSettings) -> None:
+        """Reads and checks the model's config, so that a bad one fails at start-up as a
+        configuration error; the model itself loads in `start`."""
+        self.settings = settings
+        self.spec = spec = load_model_spec(
+            settings.model_repository, settings.model_name, settings.model_version
+        )
+        self.preprocess = LetterboxPreprocessing.from_spec(spec)
+        strides = [int(s) for s in spec.parameter("loupe.strides").split(",")]
+        self.decoder = YoloxDecoder(
+            self.preprocess.input_height, self.preprocess.input_width, strides
+        )
+        label_set = spec.parameter("loupe.labels")
+        if label_set not in LABEL_SETS:
+            raise ConfigError(f"model {spec.name}: unknown loupe.labels {label_set!r}")
+        self.labels = LABEL_SETS[label_set]
+        output_dims = spec.outputs[0].dims
+        if output_dims[-2:] != (self.decoder.num_anchors, 5 + len(self.labels)):
+            raise ConfigError(
+                f"model {spec.name}: output dims {list(output_dims)} do not match "
+                f"{self.decoder.num_anchors} anchors and {len(self.labels)} classes"
+            )
+        self._backend: InferenceBackend | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        detection_pb2_grpc.add_DetectionServiceServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        # Creating an ONNX Runtime session takes a while; keep the event loop answering health.
+        self._backend = await asyncio.to_thread(
+            create_backend,
+            self.settings.inference_backend,
+            self.spec,
+            self.settings.inference_threads,
+        )
+        log.info("model loaded", extra={"model": self.spec.name, "version": self.spec.version})
+
+    async def close(self) -> None:
+        if self._backend is not None:
+            await self._backend.close()
+            self._backend = None
+
+    async def Describe(
+        self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelInfo:
+        return common_pb2.ModelInfo(model_name=self.spec.name, model_version=self.spec.version)
+
+    async def Detect(
+        self, request: detection_pb2.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> detection_pb2.DetectResponse:
+        backend = self._backend
+        if backend is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "detection: model not loaded yet")
+        assert backend is not None
+        score_threshold = request.score_threshold or self.settings.score_threshold
+        if not 0.0 < score_threshold <= 1.0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"score_threshold={request.score_threshold}: must be in (0, 1], or 0 for the "
+                f"default {self.settings.score_threshold}",
+            )
+        max_detections = request.max_detections or self.settings.max_detections
+        if not 1 <= max_detections <= MAX_DETECTIONS_LIMIT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_detections={request.max_detections}: must be 1..{MAX_DETECTIONS_LIMIT}, "
+                f"or 0 for the default {self.settings.max_detections}",
+            )
+
+        try:
+            image, letterboxed = await asyncio.to_thread(self._prepare, request.image)
+        except InvalidImage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {error}")
+        outputs = await observed_infer(
+            backend, {self.spec.inputs[0].name: letterboxed.tensor}, batch_size=1
+        )
+        detections = await asyncio.to_thread(
+            self.decoder,
+            outputs[self.spec.outputs[0].name],
+            ratio=letterboxed.ratio,
+            image_width=image.width,
+            image_height=image.height,
+            score_threshold=score_threshold,
+            iou_threshold=self.settings.nms_iou,
+            max_detections=max_detections,
+        )
+        return detection_pb2.DetectResponse(
+            detections=self._to_proto(detections),
+            image_width=image.width,
+            image_height=image.height,
+            model_name=self.spec.name,
+            model_version=self.spec.version,
+        )
+
+    def _prepare(self, data: bytes) -> tuple[Image.Image, Letterboxed]:
+        image = decode_image(data, self.settings.max_image_pixels)
+        return image, self.preprocess(image)
+
+    def _to_proto(self, detections: Detections) -> list[common_pb2.Detection]:
+        return [
+            common_pb2.Detection(
+                box=common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1),
+                label=self.labels[class_id],
+                class_id=class_id,
+                score=score,
+            )
+            for (x0, y0, x1, y1), score, class_id in zip(
+                detections.boxes.tolist(),
+                detections.scores.tolist(),
+                detections.class_ids.tolist(),
+                strict=True,
+            )
+        ]
+
+
+def build() -> DetectionService:
+    return DetectionService(DetectionSettings.from_env())
