@@ -9,5 +9,7 @@ echo "==> generated gRPC code is current"
 echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "==> mypy"
+.venv/bin/mypy services models tools
 echo "==> pytest"
 .venv/bin/python -m pytest "$@"

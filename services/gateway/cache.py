@@ -38,6 +38,11 @@ def search_key(generation: int, normalised_request: bytes) -> str:
     return f"loupe:search:{generation}:{digest}"
 
 
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    # The client is built without decode_responses, so values are bytes; str only in theory.
+    return value.encode() if isinstance(value, str) else value
+
+
 class Cache:
     def __init__(
         self,
@@ -93,7 +98,7 @@ class Cache:
             return False, None
 
     async def get_embedding(self, key: str) -> bytes | None:
-        return (await self._run("get_embedding", lambda r: r.get(key)))[1]
+        return _as_bytes((await self._run("get_embedding", lambda r: r.get(key)))[1])
 
     async def set_embedding(self, key: str, value: bytes) -> None:
         await self._run("set_embedding", lambda r: r.set(key, value, ex=self._embedding_ttl))
@@ -109,7 +114,7 @@ class Cache:
         await self._run("bump_generation", lambda r: r.incr(GENERATION_KEY))
 
     async def get_search(self, key: str) -> bytes | None:
-        return (await self._run("get_search", lambda r: r.get(key)))[1]
+        return _as_bytes((await self._run("get_search", lambda r: r.get(key)))[1])
 
     async def set_search(self, key: str, value: bytes) -> None:
         await self._run("set_search", lambda r: r.set(key, value, ex=self._search_ttl))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 
 from loupe.v1 import common_pb2
 from services.gateway.backends import RequestError, grpc
@@ -28,8 +29,8 @@ def check_item_id(item_id: str) -> None:
         raise invalid(f"item_id {item_id!r} contains control characters")
 
 
-def check_metadata(metadata: dict[str, common_pb2.Value] | object, what: str = "metadata") -> None:
-    items = list(metadata.items())  # type: ignore[attr-defined]
+def check_metadata(metadata: Mapping[str, common_pb2.Value], what: str = "metadata") -> None:
+    items = list(metadata.items())
     if len(items) > MAX_METADATA_KEYS:
         raise invalid(f"{what} has {len(items)} keys; the limit is {MAX_METADATA_KEYS}")
     for key, value in items:
