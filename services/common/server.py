@@ -188,12 +188,19 @@ def run(service_name: str, build: Callable[[], Service]) -> None:
     try:
         settings = ServerSettings.from_env(service_name)
         logs.configure(service_name, settings.log_level)
-        service = build()
     except ConfigError as error:
         print(f"loupe-{service_name}: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+
+    async def main() -> None:
+        # Built inside the event loop: asynchronous clients (grpc.aio, redis) bind to it.
+        await serve(build(), settings)
+
     try:
-        asyncio.run(serve(service, settings))
+        asyncio.run(main())
+    except ConfigError as error:
+        print(f"loupe-{service_name}: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
     except Exception as error:
         log.exception("service failed")
         print(f"loupe-{service_name}: {error}", file=sys.stderr)
