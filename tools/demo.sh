@@ -25,7 +25,7 @@ show search "$PHOTOS/motorcycle_left.png" --top-k 3
 # Similar Looks: the astronaut, and each object detected in the photo.
 show search "$PHOTOS/astronaut.png" --objects --top-k 3
 # Flashlight: only the region of the cup in the coffee photo.
-show search "$PHOTOS/coffee.png" --box 180,40,450,300 --top-k 3
+show search "$PHOTOS/coffee.png" --box 170,15,410,300 --top-k 3
 # Related Pins: more like an indexed item, never the item itself.
 show search --item chelsea.png --top-k 3
 show search "$PHOTOS/rocket.jpg" --top-k 3 --json

@@ -1,0 +1,1 @@
+"""Ranking: re-score candidates with full-precision vectors and metadata signals."""

@@ -1,0 +1,46 @@
+"""Scores as pure numpy functions: score = similarity + popularity + category."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def cosine(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Cosine similarity of `query` (d,) with each row of `vectors` (n, d), in float64."""
+    q = np.asarray(query, dtype=np.float64)
+    m = np.asarray(vectors, dtype=np.float64).reshape(-1, q.shape[0])
+    norms = np.linalg.norm(m, axis=1) * np.linalg.norm(q)
+    dots = m @ q
+    # A zero vector is similar to nothing rather than NaN.
+    safe = np.where(norms > 0, norms, 1.0)
+    return np.where(norms > 0, dots / safe, 0.0)
+
+
+def popularity(values: np.ndarray, weight: float, scale: float) -> np.ndarray:
+    """weight * min(1, log1p(p) / log1p(scale)); NaN (no popularity) and p <= 0 give 0."""
+    p = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+    return weight * np.minimum(1.0, np.log1p(np.maximum(p, 0.0)) / np.log1p(scale))
+
+
+def best_per_item(
+    scores: np.ndarray, item_ids: Sequence[str], object_indexes: Sequence[int], top_k: int
+) -> list[int]:
+    """Positions of the best row of each item, best first, at most `top_k`.
+
+    Ties go to the smaller item id, and within an item to the smaller object index, so the
+    order never depends on the order candidates arrived in.
+    """
+    order = np.lexsort(
+        (np.asarray(object_indexes), np.asarray(item_ids, dtype=str), -np.asarray(scores))
+    )
+    chosen: list[int] = []
+    seen: set[str] = set()
+    for position in order.tolist():
+        if item_ids[position] not in seen:
+            seen.add(item_ids[position])
+            chosen.append(position)
+            if len(chosen) == top_k:
+                break
+    return chosen

@@ -1,0 +1,142 @@
+"""RankingService: the final order of candidates, one hit per item."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+import numpy as np
+
+from loupe.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+from services.ranking import scoring
+from services.ranking.settings import RankingSettings
+
+MAX_TOP_K = 1000
+
+
+class InvalidRequest(ValueError):
+    """The caller's request is malformed; the message says what to fix."""
+
+
+class RankingService(ranking_pb2_grpc.RankingServiceServicer):
+    name = "ranking"
+    grpc_services = [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
+
+    def __init__(self, settings: RankingSettings) -> None:
+        self.settings = settings
+
+    def register(self, server: grpc.aio.Server) -> None:
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        try:
+            hits = self.rank(request)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return ranking_pb2.RankResponse(hits=hits)
+
+    def rank(self, request: ranking_pb2.RankRequest) -> list[common_pb2.Hit]:
+        """Score every candidate, keep each item's best row, and return the top_k."""
+        s = self.settings
+        if not 0 < request.top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k={request.top_k}: expected 1 to {MAX_TOP_K}")
+        query = np.asarray(request.query.values, dtype=np.float64)
+        if query.size == 0 or not np.isfinite(query).all() or not query.any():
+            raise InvalidRequest("query vector must be non-empty, finite and not all zeros")
+        candidates = request.candidates
+        if not candidates:
+            return []
+
+        similarity = np.array([c.ann_score for c in candidates], dtype=np.float64)
+        with_vector = [i for i, c in enumerate(candidates) if c.vector.values]
+        for i in with_vector:
+            if len(candidates[i].vector.values) != query.size:
+                raise InvalidRequest(
+                    f"candidate {i} ({candidates[i].item_id!r}) has a "
+                    f"{len(candidates[i].vector.values)}-d vector; the query is {query.size}-d"
+                )
+        if with_vector:
+            matrix = np.stack([as_array(candidates[i].vector) for i in with_vector])
+            if not np.isfinite(matrix).all():
+                raise InvalidRequest("candidate vectors must be finite")
+            similarity[with_vector] = scoring.cosine(query, matrix)
+        if not np.isfinite(similarity).all():
+            raise InvalidRequest("candidate ann_score values must be finite")
+
+        popularity = scoring.popularity(
+            np.array([_number(c.metadata, s.popularity_field) for c in candidates]),
+            s.popularity_weight,
+            s.popularity_scale,
+        )
+        query_category = request.query_metadata.get(s.category_field)
+        category = np.array(
+            [
+                s.category_weight
+                if query_category is not None and c.metadata.get(s.category_field) == query_category
+                else 0.0
+                for c in candidates
+            ]
+        )
+        score = similarity + popularity + category
+
+        chosen = scoring.best_per_item(
+            score,
+            [c.item_id for c in candidates],
+            [c.object_index for c in candidates],
+            request.top_k,
+        )
+        hits = []
+        for i in chosen:
+            c = candidates[i]
+            hit = common_pb2.Hit(
+                item_id=c.item_id,
+                score=score[i],
+                object_index=c.object_index,
+                parts=common_pb2.ScoreParts(
+                    similarity=similarity[i], popularity=popularity[i], category=category[i]
+                ),
+            )
+            if c.object_index > 0:
+                hit.label = c.label
+                if c.HasField("box"):
+                    hit.box.CopyFrom(c.box)
+            for key, value in c.metadata.items():
+                hit.metadata[key].CopyFrom(value)
+            hits.append(hit)
+        return hits
+
+
+def as_array(vector: common_pb2.Vector) -> np.ndarray:
+    """The values as float32, sliced from the message's packed wire bytes.
+
+    Reading a repeated field value by value costs ~70 ns each (0.2 s for 2000 candidates of
+    1280 values); packed floats are already little-endian float32 on the wire.
+    """
+    count = len(vector.values)
+    data = vector.SerializeToString()
+    header = len(data) - 4 * count
+    # Exactly tag 0x0A and the length before the floats; anything else, such as unknown
+    # fields from a newer client, takes the slow path.
+    if count and data[0] == 0x0A and header == 1 + max(1, ((4 * count).bit_length() + 6) // 7):
+        return np.frombuffer(data, dtype="<f4", offset=header)
+    return np.asarray(vector.values, dtype=np.float32)
+
+
+def _number(metadata: Mapping[str, common_pb2.Value], field: str) -> float:
+    """The field's numeric value, NaN when missing or not a number."""
+    value = metadata.get(field)
+    if value is not None and value.WhichOneof("kind") == "number_value":
+        return float(value.number_value)
+    return float("nan")
+
+
+def build() -> RankingService:
+    return RankingService(RankingSettings.from_env())

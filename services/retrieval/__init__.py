@@ -1,0 +1,1 @@
+"""Retrieval: the vector store (Milvus through pymilvus), one row per (item, object)."""
