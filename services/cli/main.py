@@ -118,7 +118,10 @@ def image_files(paths: list[str]) -> Iterator[tuple[Path, str]]:
 
 def rpc_failure(error: grpc.aio.AioRpcError, address: str) -> str:
     details = error.details() or ""
-    if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+    # Only this client's own channel error starts so; a gateway's UNAVAILABLE names the backend.
+    if error.code() == grpc.StatusCode.UNAVAILABLE and details.lower().startswith(
+        "failed to connect"
+    ):
         return f"cannot reach the gateway at {address} (is `loupe up` running?): {details}"
     return f"{error.code().name}: {details}"
 

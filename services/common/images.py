@@ -48,7 +48,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             f"not a supported image (expected one of {', '.join(ALLOWED_FORMATS)})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InvalidImage(f"image too large: {error}") from None
+        raise InvalidImage(f"image too large (the limit is {max_pixels} pixels): {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
         raise InvalidImage(f"image is corrupt or truncated: {error}") from None
 

@@ -99,7 +99,25 @@ class Backends:
             info = cached[1]
         else:
             stub = self.detection if service == "detection" else self.embedding
-            info = await self.call(service, stub.Describe, common_pb2.DescribeRequest(), context)
+            try:
+                info = await self.call(
+                    service, stub.Describe, common_pb2.DescribeRequest(), context
+                )
+            except RequestError:
+                if cached is None:
+                    raise
+                # Searches by item id need no model: they go on with the last known version,
+                # and requests that do need the model fail where they call it.
+                log.warning(
+                    "cannot refresh model info; using the last known",
+                    extra={
+                        "service": service,
+                        "model": f"{cached[1].model_name}/{cached[1].model_version}",
+                    },
+                )
+                self._model_info[service] = (time.monotonic(), cached[1])  # retry in 30 s
+                info = cached[1]
+                return f"{info.model_name}/{info.model_version}"
             self._model_info[service] = (time.monotonic(), info)
         return f"{info.model_name}/{info.model_version}"
 

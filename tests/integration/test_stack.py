@@ -382,6 +382,27 @@ def test_searches_go_on_when_redis_dies(stack: Stack, corel_indexed: dict) -> No
     assert after > before
 
 
+def test_a_backend_outage_is_unavailable_and_names_the_backend(
+    stack: Stack, corel_indexed: dict
+) -> None:
+    embedding_pid = next(p["pid"] for p in stack.state()["processes"] if p["name"] == "embedding")
+    os.kill(embedding_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{embedding_pid}").exists():
+        time.sleep(0.1)
+    stub = stack.stub()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Search(gateway_pb2.SearchRequest(image=(COREL / "77.jpg").read_bytes()), timeout=30)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "embedding service at" in error.value.details()
+    # More-like-this reuses stored vectors: it needs no embedding service.
+    assert len(stub.Search(gateway_pb2.SearchRequest(item_id="77.jpg"), timeout=30).results) == 10
+    assert stack.health("gateway") == health_pb2.HealthCheckResponse.SERVING
+    failed = stack.loupe("search", str(COREL / "78.jpg"), check=False)
+    assert failed.returncode == 1 and "embedding service at" in failed.stderr
+    assert "cannot reach the gateway" not in failed.stderr
+
+
 def test_data_survives_a_restart(stack: Stack, corel_indexed: dict) -> None:
     stack.loupe("down", "--data-dir", str(stack.data_dir))
     assert not (stack.data_dir / "run" / "stack.json").exists()
