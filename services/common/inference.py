@@ -8,6 +8,7 @@ would serve, so switching backends changes where the model runs, never which mod
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from services.common.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,34 @@ class OnnxRuntimeBackend:
 
     async def close(self) -> None:
         del self._session
+
+
+class LoadedModel:
+    """A model of the repository and, once `load` has run, the backend that runs it: the
+    lifecycle both model services share."""
+
+    def __init__(self, spec: ModelSpec, backend_kind: str, threads: int) -> None:
+        self.spec = spec
+        self._backend_kind = backend_kind
+        self._threads = threads
+        self._backend: InferenceBackend | None = None
+
+    async def load(self) -> None:
+        # Creating a session takes a while; keep the event loop answering health meanwhile.
+        self._backend = await asyncio.to_thread(
+            create_backend, self._backend_kind, self.spec, self._threads
+        )
+        log.info("model loaded", extra={"model": self.spec.name, "version": self.spec.version})
+
+    @property
+    def backend(self) -> InferenceBackend | None:
+        """None until loaded (and after close)."""
+        return self._backend
+
+    async def close(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            await backend.close()
 
 
 BACKENDS = ("onnxruntime",)

@@ -11,7 +11,7 @@ from PIL import Image
 from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from services.common.config import ConfigError
 from services.common.images import InvalidImage, decode_image
-from services.common.inference import InferenceBackend, create_backend, load_model_spec
+from services.common.inference import LoadedModel, load_model_spec
 from services.common.inference_metrics import observed_infer
 from services.detection.labels import LABEL_SETS
 from services.detection.preprocess import Letterboxed, LetterboxPreprocessing
@@ -47,25 +47,16 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
                 f"model {spec.name}: output dims {list(output_dims)} do not match "
                 f"{self.decoder.num_anchors} anchors and {len(self.labels)} classes"
             )
-        self._backend: InferenceBackend | None = None
+        self.model = LoadedModel(spec, settings.inference_backend, settings.inference_threads)
 
     def register(self, server: grpc.aio.Server) -> None:
         detection_pb2_grpc.add_DetectionServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        # Creating an ONNX Runtime session takes a while; keep the event loop answering health.
-        self._backend = await asyncio.to_thread(
-            create_backend,
-            self.settings.inference_backend,
-            self.spec,
-            self.settings.inference_threads,
-        )
-        log.info("model loaded", extra={"model": self.spec.name, "version": self.spec.version})
+        await self.model.load()
 
     async def close(self) -> None:
-        if self._backend is not None:
-            await self._backend.close()
-            self._backend = None
+        await self.model.close()
 
     async def Describe(
         self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -75,7 +66,7 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
     async def Detect(
         self, request: detection_pb2.DetectRequest, context: grpc.aio.ServicerContext
     ) -> detection_pb2.DetectResponse:
-        backend = self._backend
+        backend = self.model.backend
         if backend is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "detection: model not loaded yet")
         assert backend is not None

@@ -10,7 +10,7 @@ import numpy as np
 
 from loupe.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.common.images import InvalidImage, PixelBox
-from services.common.inference import InferenceBackend, create_backend, load_model_spec
+from services.common.inference import LoadedModel, load_model_spec
 from services.common.inference_metrics import observed_infer
 from services.embedding.preprocess import RegionError, StretchPreprocessing, prepare_batch
 from services.embedding.settings import EmbeddingSettings
@@ -32,25 +32,16 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.preprocess = StretchPreprocessing.from_spec(self.spec)
         # max_batch_size 0 means the model takes exactly one image, batch axis included.
         self.batch_size = max(1, self.spec.max_batch_size)
-        self._backend: InferenceBackend | None = None
+        self.model = LoadedModel(self.spec, settings.inference_backend, settings.inference_threads)
 
     def register(self, server: grpc.aio.Server) -> None:
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        # Creating an ONNX Runtime session takes a while; keep the event loop answering health.
-        self._backend = await asyncio.to_thread(
-            create_backend,
-            self.settings.inference_backend,
-            self.spec,
-            self.settings.inference_threads,
-        )
-        log.info("model loaded", extra={"model": self.spec.name, "version": self.spec.version})
+        await self.model.load()
 
     async def close(self) -> None:
-        if self._backend is not None:
-            await self._backend.close()
-            self._backend = None
+        await self.model.close()
 
     async def Describe(
         self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -64,7 +55,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> embedding_pb2.EmbedResponse:
-        backend = self._backend
+        backend = self.model.backend
         if backend is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "embedding: model not loaded yet")
         assert backend is not None
