@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from loupe.v1 import (
     common_pb2,
@@ -274,3 +275,73 @@ def test_bad_detection_parameters_are_invalid_arguments(
 ) -> None:
     request = detection_pb2.DetectRequest(image=corel(0), **request_fields)  # type: ignore[arg-type]
     assert_invalid_argument(detection.Detect, request, message_part)
+
+
+def upscaled(path: Path, factor: int, fmt: str) -> bytes:
+    """A camera-size version of a small image, as JPEG (the decoder may shrink it while
+    decoding) or PNG (always decoded in full)."""
+    image = decode_image(path.read_bytes())
+    big = image.resize((image.width * factor, image.height * factor), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_large_jpegs_embed_like_their_full_decode(
+    embedding: embedding_pb2_grpc.EmbeddingServiceStub,
+) -> None:
+    path = COREL / "450.jpg"
+    jpeg, png = upscaled(path, 6, "JPEG"), upscaled(path, 6, "PNG")
+    region = common_pb2.Box(x0=300, y0=240, x1=1500, y1=1200)
+    replies = [
+        embedding.Embed(embedding_pb2.EmbedRequest(image=data, whole_image=True, regions=[region]))
+        for data in (jpeg, png)
+    ]
+    assert (replies[0].image_width, replies[0].image_height) == (
+        replies[1].image_width,
+        replies[1].image_height,
+    )
+    for a, b in (
+        (replies[0].whole_image, replies[1].whole_image),
+        (replies[0].regions[0], replies[1].regions[0]),
+    ):
+        assert float(vector(a) @ vector(b)) > 0.99
+
+
+def test_large_jpegs_detect_like_their_full_decode(
+    detection: detection_pb2_grpc.DetectionServiceStub,
+) -> None:
+    path = COCO / "images" / f"{PERSON_IMAGE}.jpg"
+    found = [
+        detection.Detect(detection_pb2.DetectRequest(image=upscaled(path, 5, fmt)))
+        for fmt in ("JPEG", "PNG")
+    ]
+    assert found[0].image_width == found[1].image_width == decode_image(path.read_bytes()).width * 5
+    reduced, full = (
+        max((d for d in reply.detections if d.label == "person"), key=lambda d: d.score)
+        for reply in found
+    )
+    box = lambda d: (d.box.x0, d.box.y0, d.box.x1, d.box.y1)  # noqa: E731
+    assert iou(box(reduced), box(full)) > 0.9
+
+
+def test_exif_rotation_is_applied_before_boxes_and_shrinking(
+    embedding: embedding_pb2_grpc.EmbeddingServiceStub,
+) -> None:
+    image = decode_image((COREL / "450.jpg").read_bytes()).resize((1536, 1024))
+    # Stored landscape, tagged "rotate 90 clockwise": callers see a 1024x1536 portrait.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated_tag, upright = io.BytesIO(), io.BytesIO()
+    image.save(rotated_tag, "JPEG", quality=95, exif=exif)
+    image.transpose(Image.Transpose.ROTATE_270).save(upright, "JPEG", quality=95)
+    region = common_pb2.Box(x0=100, y0=700, x1=900, y1=1500)
+    replies = [
+        embedding.Embed(
+            embedding_pb2.EmbedRequest(image=b.getvalue(), whole_image=True, regions=[region])
+        )
+        for b in (rotated_tag, upright)
+    ]
+    assert (replies[0].image_width, replies[0].image_height) == (1024, 1536)
+    assert float(vector(replies[0].whole_image) @ vector(replies[1].whole_image)) > 0.99
+    assert float(vector(replies[0].regions[0]) @ vector(replies[1].regions[0])) > 0.99

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,25 +24,62 @@ class InvalidImage(ValueError):
     """The bytes are not an image Loupe can use; the message tells the caller why."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to an RGB image with EXIF orientation applied; raise InvalidImage otherwise."""
-    if not data:
-        raise InvalidImage("image is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_AXES = {5, 6, 7, 8}
+_ORIENTATION = 0x0112
+
+
+class EncodedImage:
+    """Untrusted image bytes, opened and checked but not decoded yet.
+
+    `size` is the original size after EXIF orientation: the pixel space of every box. `decode`
+    may return a smaller image: a JPEG decoder can shrink by 2, 4 or 8 while it decodes (DCT
+    scaling), which skips most of the work on camera-size photos (a 12 MP JPEG: about 35 ms
+    instead of 80 to decode, and a far cheaper resize after).
+    """
+
+    def __init__(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if not data:
+            raise InvalidImage("image is empty")
+        with _decoding_errors(max_pixels):
+            self._image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = self._image.size
+            if width < 1 or height < 1:
+                raise InvalidImage(f"image has no pixels ({width}x{height})")
             if width * height > max_pixels:
                 raise InvalidImage(
                     f"image is {width}x{height} = {width * height} pixels; "
                     f"the limit is {max_pixels}"
                 )
-            if width < 1 or height < 1:
-                raise InvalidImage(f"image has no pixels ({width}x{height})")
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
+            self._swaps_axes = self._image.getexif().get(_ORIENTATION, 1) in _SWAPS_AXES
+        self.size = (height, width) if self._swaps_axes else (width, height)
+        self._max_pixels = max_pixels
+
+    def decode(self, at_least: tuple[int, int] | None = None) -> Image.Image:
+        """RGB pixels, EXIF-oriented; at least `at_least` (width, height) when given, else the
+        full size. Only JPEG can come out smaller; other formats always decode in full."""
+        with _decoding_errors(self._max_pixels):
+            if at_least is not None:
+                wanted = at_least[::-1] if self._swaps_axes else at_least
+                self._image.draft(None, (max(1, wanted[0]), max(1, wanted[1])))
+            self._image.load()
+            image = ImageOps.exif_transpose(self._image) or self._image
             return _to_rgb(image)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to a full-size RGB image with EXIF orientation applied; raise InvalidImage
+    otherwise."""
+    return EncodedImage(data, max_pixels).decode()
+
+
+@contextmanager
+def _decoding_errors(max_pixels: int) -> Iterator[None]:
+    """Pillow's many failure types, as one InvalidImage with a message a caller can act on."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
     except InvalidImage:
         raise
     except UnidentifiedImageError:

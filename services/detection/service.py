@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from dataclasses import replace
 
 import grpc
-from PIL import Image
+import numpy as np
 
 from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from services.common.config import ConfigError
-from services.common.images import InvalidImage, decode_image
+from services.common.images import EncodedImage, InvalidImage
 from services.common.inference import LoadedModel, load_model_spec
 from services.common.inference_metrics import observed_infer
 from services.detection.labels import LABEL_SETS
@@ -86,7 +88,7 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
             )
 
         try:
-            image, letterboxed = await asyncio.to_thread(self._prepare, request.image)
+            size, decoded_size, letterboxed = await asyncio.to_thread(self._prepare, request.image)
         except InvalidImage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {error}")
         outputs = await observed_infer(
@@ -96,23 +98,32 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
             self.decoder,
             outputs[self.spec.outputs[0].name],
             ratio=letterboxed.ratio,
-            image_width=image.width,
-            image_height=image.height,
+            image_width=decoded_size[0],
+            image_height=decoded_size[1],
             score_threshold=score_threshold,
             iou_threshold=self.settings.nms_iou,
             max_detections=max_detections,
         )
+        # Boxes of a decoder-shrunk image, back to original pixels (per axis: see images.py).
+        sx, sy = size[0] / decoded_size[0], size[1] / decoded_size[1]
+        boxes = detections.boxes * np.array([sx, sy, sx, sy], dtype=detections.boxes.dtype)
+        detections = replace(detections, boxes=boxes)
         return detection_pb2.DetectResponse(
             detections=self._to_proto(detections),
-            image_width=image.width,
-            image_height=image.height,
+            image_width=size[0],
+            image_height=size[1],
             model_name=self.spec.name,
             model_version=self.spec.version,
         )
 
-    def _prepare(self, data: bytes) -> tuple[Image.Image, Letterboxed]:
-        image = decode_image(data, self.settings.max_image_pixels)
-        return image, self.preprocess(image)
+    def _prepare(self, data: bytes) -> tuple[tuple[int, int], tuple[int, int], Letterboxed]:
+        """(original size, decoded size, model input). The decoder may shrink a large JPEG
+        down to (not below) the letterbox size: the model sees no fewer pixels."""
+        encoded = EncodedImage(data, self.settings.max_image_pixels)
+        width, height = encoded.size
+        ratio = min(self.preprocess.input_height / height, self.preprocess.input_width / width)
+        image = encoded.decode(at_least=(math.ceil(width * ratio), math.ceil(height * ratio)))
+        return encoded.size, image.size, self.preprocess(image)
 
     def _to_proto(self, detections: Detections) -> list[common_pb2.Detection]:
         return [

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.config import ConfigError
-from services.common.images import InvalidImage, PixelBox, clip_box, decode_image
+from services.common.images import EncodedImage, InvalidImage, PixelBox, clip_box
 from services.common.inference import ModelSpec
 
 
@@ -81,13 +81,27 @@ def prepare_batch(
     max_pixels: int,
 ) -> tuple[tuple[int, int], np.ndarray]:
     """Decode once; return the image size and [N, 3, H, W]: the whole image (if asked) first,
-    then each region in order. Raises InvalidImage, or RegionError naming the region."""
-    image = decode_image(data, max_pixels)
-    views = [image] if whole_image else []
+    then each region in order. Raises InvalidImage, or RegionError naming the region.
+
+    The decoder may shrink the image, but never so far that a view (the whole image or a
+    region) has fewer pixels than the model's input on either side.
+    """
+    encoded = EncodedImage(data, max_pixels)
+    width, height = encoded.size
+    boxes = []
     for index, region in enumerate(regions):
         try:
-            box = clip_box(region, image.width, image.height)
+            boxes.append(clip_box(region, width, height))
         except InvalidImage as error:
             raise RegionError(f"regions[{index}]: {error}") from None
-        views.append(crop(image, box))
-    return image.size, np.stack([preprocess(view) for view in views])
+    sides = [(float(width), float(height))] if whole_image else []
+    sides += [(box.width, box.height) for box in boxes]
+    scale = min(
+        1.0, max(max(preprocess.input_width / w, preprocess.input_height / h) for w, h in sides)
+    )
+    image = encoded.decode(at_least=(math.ceil(width * scale), math.ceil(height * scale)))
+    # Per axis: the decoder rounds each side up on its own.
+    sx, sy = image.width / width, image.height / height
+    views = [image] if whole_image else []
+    views += [crop(image, PixelBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy)) for b in boxes]
+    return (width, height), np.stack([preprocess(view) for view in views])
