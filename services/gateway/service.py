@@ -191,6 +191,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         elif not request.image:
             raise invalid("image is empty")
         check_metadata(request.context_metadata, "context_metadata")
+        image_hash = content_hash_of(request.image) if query == "image" else ""
 
         embedder = await self.backends.model_info("embedding", context)
         detector = NO_DETECTOR
@@ -205,10 +206,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             normalised = gateway_pb2.SearchRequest()
             normalised.CopyFrom(request)
             normalised.top_k = top_k
-            image_hash = ""
-            if query == "image":
-                image_hash = content_hash_of(request.image)
-                normalised.ClearField("image")
+            normalised.ClearField("image")  # its hash stands for it
             material = normalised.SerializeToString(deterministic=True)
             key = cache_keys.search_key(
                 generation,
@@ -224,9 +222,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             CACHE_MISSES.labels("search").inc()
 
         if query == "image":
-            main_vector, object_queries, exclude = await self._image_query(
-                request, embedder, detector, context
+            main_vector, object_queries = await self._image_query(
+                request, image_hash, embedder, detector, context
             )
+            exclude: list[str] = []
             query_metadata = dict(request.context_metadata)
         else:
             item = await self._stored_item(request.item_id, context, include_vectors=True)
@@ -257,17 +256,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _image_query(
         self,
         request: gateway_pb2.SearchRequest,
+        image_hash: str,
         embedder: str,
         detector: str,
         context: grpc.aio.ServicerContext,
-    ) -> tuple[common_pb2.Vector, list[tuple[common_pb2.Detection, common_pb2.Vector]], list[str]]:
+    ) -> tuple[common_pb2.Vector, list[tuple[common_pb2.Detection, common_pb2.Vector]]]:
         """Vectors for an image query: the whole image or its crop, and detected objects."""
         objects: list[tuple[common_pb2.Detection, common_pb2.Vector]] = []
         whole_vector = None
         if not request.HasField("crop") or detector != NO_DETECTOR:
             item, _ = await self._image_vectors(
                 request.image,
-                content_hash_of(request.image),
+                image_hash,
                 embedder,
                 detector,
                 self.settings.max_query_objects,
@@ -277,7 +277,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             objects = [(self._detection_of(o), o.vector) for o in item.objects[1:]]
         if not request.HasField("crop"):
             assert whole_vector is not None
-            return whole_vector, objects, []
+            return whole_vector, objects
         with stage("embed"):
             reply = await self.backends.call(
                 "embedding",
@@ -285,7 +285,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 embedding_pb2.EmbedRequest(image=request.image, regions=[request.crop]),
                 context,
             )
-        return reply.regions[0], objects, []
+        return reply.regions[0], objects
 
     async def _search_vector(
         self,
