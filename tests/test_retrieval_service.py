@@ -307,6 +307,8 @@ def test_stats(stub) -> None:
     assert stats.rows >= 2
     assert (stats.dimension, stats.index_type) == (DIM, "FLAT")
     assert stats.collection
+    # FLAT scores with the raw vectors: nothing to gain from re-scoring them.
+    assert stats.exact_scores
 
 
 def test_restart_keeps_data(tmp_path: Path) -> None:

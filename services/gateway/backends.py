@@ -16,6 +16,7 @@ from loupe.v1 import (
     detection_pb2_grpc,
     embedding_pb2_grpc,
     ranking_pb2_grpc,
+    retrieval_pb2,
     retrieval_pb2_grpc,
 )
 from services.gateway.settings import GatewaySettings
@@ -33,7 +34,7 @@ CALLER_CODES = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 }
-MODEL_INFO_TTL_SECONDS = 30.0
+REMEMBER_SECONDS = 30.0
 
 
 class RequestError(Exception):
@@ -66,7 +67,7 @@ class Backends:
         self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(self._channels["retrieval"])
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self._channels["ranking"])
         self._timeout = settings.backend_timeout_seconds
-        self._model_info: dict[str, tuple[float, common_pb2.ModelInfo]] = {}
+        self._remembered_answers: dict[str, tuple[float, Any]] = {}
 
     async def call(
         self,
@@ -92,34 +93,43 @@ class Backends:
             ) from None
 
     async def model_info(self, service: str, context: grpc.aio.ServicerContext | None) -> str:
-        """'name/version' of the model behind detection or embedding, refreshed every 30 s so a
-        rolled-out model changes cache keys promptly."""
-        cached = self._model_info.get(service)
-        if cached and time.monotonic() - cached[0] < MODEL_INFO_TTL_SECONDS:
-            info = cached[1]
-        else:
-            stub = self.detection if service == "detection" else self.embedding
-            try:
-                info = await self.call(
-                    service, stub.Describe, common_pb2.DescribeRequest(), context
-                )
-            except RequestError:
-                if cached is None:
-                    raise
-                # Searches by item id need no model: they go on with the last known version,
-                # and requests that do need the model fail where they call it.
-                log.warning(
-                    "cannot refresh model info; using the last known",
-                    extra={
-                        "service": service,
-                        "model": f"{cached[1].model_name}/{cached[1].model_version}",
-                    },
-                )
-                self._model_info[service] = (time.monotonic(), cached[1])  # retry in 30 s
-                info = cached[1]
-                return f"{info.model_name}/{info.model_version}"
-            self._model_info[service] = (time.monotonic(), info)
+        """'name/version' of the model behind detection or embedding. A rolled-out model
+        changes cache keys within REMEMBER_SECONDS."""
+        stub = self.detection if service == "detection" else self.embedding
+        info = await self._remembered(
+            service,
+            lambda: self.call(service, stub.Describe, common_pb2.DescribeRequest(), context),
+        )
         return f"{info.model_name}/{info.model_version}"
+
+    async def exact_scores(self, context: grpc.aio.ServicerContext | None) -> bool:
+        """Whether retrieval's scores are already full precision (then ranking needs no
+        stored vectors, and fetching them would cost most of a search)."""
+        stats = await self._remembered(
+            "retrieval",
+            lambda: self.call(
+                "retrieval", self.retrieval.Stats, retrieval_pb2.StatsRequest(), context
+            ),
+        )
+        return stats.exact_scores
+
+    async def _remembered(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """fetch()'s answer, reused for REMEMBER_SECONDS. When a refresh fails the last answer
+        stands (searches by item id need no model, so they go on while embedding is down);
+        the next refresh is tried REMEMBER_SECONDS later, not on every request."""
+        now = time.monotonic()
+        remembered = self._remembered_answers.get(key)
+        if remembered and now - remembered[0] < REMEMBER_SECONDS:
+            return remembered[1]
+        try:
+            answer = await fetch()
+        except RequestError:
+            if remembered is None:
+                raise
+            log.warning("cannot refresh; using the last answer", extra={"from": key})
+            answer = remembered[1]
+        self._remembered_answers[key] = (now, answer)
+        return answer
 
     async def wait_until_serving(self) -> None:
         """Block until every backend's health check says SERVING, logging who is missing."""

@@ -297,6 +297,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
     ) -> list[common_pb2.Hit]:
         candidates_wanted = max(self.settings.min_candidates, 4 * top_k)
+        # Ranking re-scores with the stored full-precision vectors only where the index's own
+        # scores are not already full precision.
+        include_vectors = not await self.backends.exact_scores(context)
         with stage("retrieve"):
             candidates = await self.backends.call(
                 "retrieval",
@@ -306,7 +309,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     limit=candidates_wanted,
                     filter=request.filter,
                     exclude_item_ids=exclude,
-                    include_vectors=True,
+                    include_vectors=include_vectors,
                 ),
                 context,
             )

@@ -25,6 +25,9 @@ from services.retrieval.store import (
     StoreUnavailable,
 )
 
+# Indexes that keep the raw float vectors and score candidates with them. Anything else
+# (quantised, or AUTOINDEX, whose choice depends on the Milvus at hand) gets re-scored.
+EXACT_SCORE_INDEXES = frozenset({"FLAT", "IVF_FLAT", "HNSW"})
 DEFAULT_LOOKUP_LIMIT = 10
 MAX_LOOKUP_LIMIT = 100
 # VARCHAR(64) fields of the schema; a Milvus server counts their length in UTF-8 bytes.
@@ -146,6 +149,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             collection=self.settings.collection,
             dimension=self.settings.dim,
             index_type=self.store.index_type,
+            exact_scores=self.store.index_type in EXACT_SCORE_INDEXES,
         )
 
     def _rows(self, item: retrieval_pb2.StoredItem) -> list[Row]:

@@ -142,13 +142,15 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("rows", "collection", "dimension", "index_type")
+    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    EXACT_SCORES_FIELD_NUMBER: _ClassVar[int]
     rows: int
     collection: str
     dimension: int
     index_type: str
-    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ...) -> None: ...
+    exact_scores: bool
+    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ...) -> None: ...
