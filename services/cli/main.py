@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from loupe.v1 import common_pb2, detection_pb2, gateway_pb2, gateway_pb2_grpc
@@ -371,8 +372,6 @@ async def cmd_get(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as error:
             say(f"loupe get: {rpc_failure(error, address)}")
             return 1
-    from google.protobuf.json_format import MessageToDict
-
     print(json.dumps(MessageToDict(item), indent=2))
     return 0
 
