@@ -11,5 +11,6 @@ echo "==> ruff"
 .venv/bin/ruff format --check .
 echo "==> mypy"
 .venv/bin/mypy services models tools
+tools/check_helm.sh
 echo "==> pytest"
 .venv/bin/python -m pytest "$@"

@@ -1,0 +1,642 @@
+"""Invariants of the rendered Helm chart, for the default values and each profile.
+
+What an SRE would check by eye, checked on every change: probes, resources and a restricted
+security context on every container; Services that select the release's own pods; only the
+gateway reachable from outside the release; GPUs only for Triton; autoscaling and disruption
+budgets that point at real Deployments; configuration that agrees with the pod spec; and the
+Prometheus Operator objects, which kubernetes-validate cannot check, against their shape.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.chart import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    SERVICES,
+    RenderError,
+    alert_rules,
+    component,
+    dashboard_queries,
+    dashboards,
+    named,
+    of_kind,
+    panels,
+    parse_promql,
+    pod_spec,
+    render,
+)
+
+PROFILES = ("default", "dev", "gpu")
+PREFIX = f"{RELEASE}"  # the release name contains the chart name: objects are "loupe-<component>"
+SERVER_SIDE_CODES = {"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN", "DATA_LOSS"}
+
+
+def name_of(component_name: str) -> str:
+    return f"{PREFIX}-{component_name}"
+
+
+def all_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(doc)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return of_kind(docs, "Deployment")
+
+
+@pytest.fixture(params=PROFILES)
+def profile(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def docs(profile: str) -> list[dict[str, Any]]:
+    return render(profile)
+
+
+# ---- pods ------------------------------------------------------------------------------------
+
+
+def test_every_object_is_in_the_release_namespace_and_labelled(docs: list[dict]) -> None:
+    for doc in docs:
+        meta = doc["metadata"]
+        assert meta.get("namespace") == NAMESPACE, f"{doc['kind']} {meta['name']}"
+        assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_the_expected_workloads_are_rendered(profile: str, docs: list[dict]) -> None:
+    expected = {name_of(s) for s in SERVICES}
+    if profile == "gpu":
+        expected.add(name_of("triton"))
+    assert {d["metadata"]["name"] for d in workloads(docs)} == expected
+
+
+def test_every_container_has_probes_and_resources(docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        spec = pod_spec(doc)
+        for container in spec["containers"]:
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in container, f"{where}: no {probe}"
+            requests = container["resources"]["requests"]
+            limits = container["resources"]["limits"]
+            assert {"cpu", "memory"} <= set(requests), where
+            assert {"cpu", "memory"} <= set(limits), where
+        # Init containers take no probes, but do take resources.
+        for container in spec.get("initContainers", []):
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+            assert "memory" in container["resources"]["limits"]
+
+
+def test_loupe_services_are_probed_on_grpc_health(docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        if component(doc) == "triton":
+            continue
+        (container,) = pod_spec(doc)["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert container["args"] == [component(doc)]
+
+
+def test_triton_is_probed_on_its_health_endpoints() -> None:
+    docs = render("gpu")
+    (container,) = pod_spec(named(docs, "Deployment", name_of("triton")))["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def _effective(pod: dict, container: dict, key: str) -> Any:
+    own = container.get("securityContext", {})
+    return own[key] if key in own else pod.get("securityContext", {}).get(key)
+
+
+def test_every_pod_is_restricted(docs: list[dict]) -> None:
+    pods = [*workloads(docs), *of_kind(docs, "Pod")]
+    assert pods
+    for doc in pods:
+        spec = pod_spec(doc)
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+        assert spec["automountServiceAccountToken"] is False
+        for container in all_containers(doc):
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            context = container["securityContext"]
+            assert _effective(spec, container, "runAsNonRoot") is True, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context.get("privileged", False) is False, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert "add" not in context["capabilities"], where
+            assert _effective(spec, container, "seccompProfile") == {"type": "RuntimeDefault"}
+            # A read-only root needs somewhere to write temporary files.
+            if doc["kind"] == "Deployment":
+                mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+                assert "/tmp" in mounts or container["name"] == "copy-models", where
+
+
+def test_images_are_pinned(docs: list[dict]) -> None:
+    for doc in [*workloads(docs), *of_kind(docs, "Pod")]:
+        for container in all_containers(doc):
+            image = container["image"]
+            assert "@sha256:" in image or re.search(r":[\w.-]+$", image.split("/")[-1]), image
+            assert not image.endswith(":latest"), image
+
+
+def test_gpus_are_requested_by_triton_only(profile: str, docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        for container in all_containers(doc):
+            resources = container["resources"]
+            has_gpu = any("nvidia.com/gpu" in resources.get(k, {}) for k in ("requests", "limits"))
+            assert has_gpu == (container["name"] == "triton"), doc["metadata"]["name"]
+    if profile == "gpu":
+        triton = pod_spec(named(docs, "Deployment", name_of("triton")))
+        assert triton["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+        assert triton["nodeSelector"], "Triton must be pinned to the GPU pool"
+        assert any(t["key"] == "nvidia.com/gpu" for t in triton["tolerations"])
+        for doc in workloads(docs):
+            if component(doc) != "triton":
+                assert "nodeSelector" not in pod_spec(doc), "only Triton goes to GPU nodes"
+
+
+def test_topology_spread_constraints_select_their_own_pods(docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        own = doc["spec"]["template"]["metadata"]["labels"]
+        for constraint in pod_spec(doc).get("topologySpreadConstraints", []):
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert selector.items() <= own.items(), doc["metadata"]["name"]
+
+
+# ---- Services and network --------------------------------------------------------------------
+
+
+def test_every_service_selects_pods_of_the_release(docs: list[dict]) -> None:
+    for service in of_kind(docs, "Service"):
+        selector = service["spec"]["selector"]
+        assert selector["app.kubernetes.io/instance"] == RELEASE
+        matches = [
+            d
+            for d in workloads(docs)
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(matches) == 1, f"Service {service['metadata']['name']} selects {len(matches)}"
+        (container,) = [c for c in pod_spec(matches[0])["containers"]]
+        port_names = {p["name"] for p in container["ports"]}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, service["metadata"]["name"]
+
+
+def test_only_the_gateway_is_exposed(docs: list[dict]) -> None:
+    for service in of_kind(docs, "Service"):
+        if component(service) != "gateway":
+            assert service["spec"]["type"] == "ClusterIP", service["metadata"]["name"]
+
+
+def test_a_public_gateway_keeps_its_metrics_inside() -> None:
+    docs = render("default", "services.gateway.service.type=LoadBalancer")
+    public = named(docs, "Service", name_of("gateway"))
+    assert public["spec"]["type"] == "LoadBalancer"
+    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc"]
+    metrics = named(docs, "Service", name_of("gateway") + "-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
+
+
+def _policy_for(docs: list[dict], doc: dict) -> dict:
+    labels = doc["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert len(policies) == 1, f"{doc['metadata']['name']}: {len(policies)} NetworkPolicies"
+    return policies[0]
+
+
+def _pods_labelled(peer: dict) -> str:
+    labels = peer["podSelector"]["matchLabels"]
+    assert labels["app.kubernetes.io/instance"] == RELEASE, "a peer outside the release"
+    assert set(peer) == {"podSelector"}, "a peer in another namespace"
+    return labels["app.kubernetes.io/component"]
+
+
+def test_network_policies_admit_only_the_callers(profile: str, docs: list[dict]) -> None:
+    callers = {name: {"gateway"} for name in SERVICES if name != "gateway"}
+    callers["triton"] = {"detection", "embedding"}
+    metrics_from = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"][
+        "metricsFrom"
+    ]
+    for doc in workloads(docs):
+        name = component(doc)
+        policy = _policy_for(docs, doc)["spec"]
+        assert "Ingress" in policy["policyTypes"]
+        (container,) = [c for c in pod_spec(doc)["containers"]]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        rules = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+        # Every rule names its ports: a rule without ports would open all of them.
+        assert all(len(rule["ports"]) == 1 for rule in policy["ingress"])
+        assert set(rules) == {ports["grpc"], ports["metrics"]}, name
+        grpc_rule = rules[ports["grpc"]]
+        if name == "gateway":
+            assert "from" not in grpc_rule, "the gateway is open to any caller by default"
+        else:
+            assert {_pods_labelled(peer) for peer in grpc_rule["from"]} == callers[name]
+        assert rules[ports["metrics"]]["from"] == metrics_from
+
+
+def test_egress_is_restricted_to_what_each_component_calls(profile: str, docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        name = component(doc)
+        policy = _policy_for(docs, doc)["spec"]
+        assert "Egress" in policy["policyTypes"]
+        in_release = {
+            _pods_labelled(peer)
+            for rule in policy["egress"]
+            for peer in rule.get("to", [])
+            if "podSelector" in peer and "namespaceSelector" not in peer
+        }
+        expected: set[str] = set()
+        if name == "gateway":
+            expected = set(SERVICES) - {"gateway"}
+        elif name in ("detection", "embedding") and profile == "gpu":
+            expected = {"triton"}
+        assert in_release == expected, name
+        for rule in policy["egress"]:
+            assert rule.get("ports"), f"{name}: an egress rule without ports opens everything"
+
+
+def test_a_restricted_gateway_still_admits_the_helm_test() -> None:
+    docs = render("default", "networkPolicy.gateway.from[0].ipBlock.cidr=10.0.0.0/8")
+    policy = named(docs, "NetworkPolicy", name_of("gateway"))
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert peers[0] == {"ipBlock": {"cidr": "10.0.0.0/8"}}
+    test_pod = of_kind(docs, "Pod")[0]
+    assert peers[1]["podSelector"]["matchLabels"].items() <= test_pod["metadata"]["labels"].items()
+
+
+# ---- scaling ---------------------------------------------------------------------------------
+
+
+def test_autoscaled_deployments_leave_replicas_to_their_hpa(profile: str, docs: list[dict]) -> None:
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
+    deployments = {d["metadata"]["name"]: d for d in workloads(docs)}
+    assert set(hpas) <= set(deployments)
+    for name, deployment in deployments.items():
+        if name in hpas:
+            assert "replicas" not in deployment["spec"], f"{name}: helm upgrade would reset it"
+            spec = hpas[name]["spec"]
+            assert 1 <= spec["minReplicas"] <= spec["maxReplicas"]
+            assert spec["metrics"], name
+        else:
+            assert deployment["spec"]["replicas"] >= 1
+    if profile == "dev":
+        assert not hpas
+    else:
+        assert set(hpas) == set(deployments), "every service autoscales in production profiles"
+
+
+def test_triton_can_scale_on_queue_time() -> None:
+    docs = render("gpu", "triton.autoscaling.queueTime.enabled=true")
+    (metric,) = named(docs, "HorizontalPodAutoscaler", name_of("triton"))["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "nv_inference_queue_duration_us_per_request"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "20000"}
+
+
+def test_disruption_budgets_cover_every_replicated_deployment(
+    profile: str, docs: list[dict]
+) -> None:
+    budgets = of_kind(docs, "PodDisruptionBudget")
+    covered = set()
+    for budget in budgets:
+        selector = budget["spec"]["selector"]["matchLabels"]
+        matches = [
+            d["metadata"]["name"]
+            for d in workloads(docs)
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(matches) == 1
+        covered.update(matches)
+        # maxUnavailable never blocks a drain the way minAvailable: 1 does on one replica.
+        assert budget["spec"]["maxUnavailable"] == 1
+    if profile == "dev":
+        assert not budgets
+    else:
+        assert covered == {d["metadata"]["name"] for d in workloads(docs)}
+
+
+def test_rollouts_never_drop_capacity(profile: str, docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        strategy = doc["spec"]["strategy"]
+        if component(doc) == "triton":
+            # No spare GPU for a surge pod is the common case on a GPU pool.
+            assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+        elif profile == "dev" and component(doc) == "retrieval":
+            assert strategy == {"type": "Recreate"}
+        else:
+            assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+def _env(docs: list[dict], name: str) -> dict[str, str]:
+    return named(docs, "ConfigMap", name_of(name))["data"]
+
+
+def test_configuration_agrees_with_the_pod_spec(profile: str, docs: list[dict]) -> None:
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    for name in SERVICES:
+        env = _env(docs, name)
+        deployment = named(docs, "Deployment", name_of(name))
+        (container,) = pod_spec(deployment)["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert env["LOUPE_LISTEN_HOST"] == "0.0.0.0"
+        assert int(env[f"LOUPE_{name.upper()}_PORT"]) == ports["grpc"]
+        assert int(env[f"LOUPE_{name.upper()}_METRICS_PORT"]) == ports["metrics"]
+        assert container["envFrom"] == [{"configMapRef": {"name": name_of(name)}}]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert "checksum/config" in annotations, "a config change must roll the pods"
+        if name in ("detection", "embedding"):
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert mounts[env["LOUPE_MODEL_REPOSITORY"]]["readOnly"] is True
+            expected_backend = "triton" if profile == "gpu" else "onnxruntime"
+            assert env["LOUPE_INFERENCE_BACKEND"] == expected_backend
+    gateway = _env(docs, "gateway")
+    for backend in SERVICES[1:]:
+        host, port = gateway[f"LOUPE_{backend.upper()}_ADDR"].rsplit(":", 1)
+        service_ports = {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}
+        assert service_ports["grpc"] == int(port)
+        assert component(services[host]) == backend
+
+
+def test_model_services_call_the_release_triton() -> None:
+    docs = render("gpu")
+    triton = named(docs, "Service", name_of("triton"))
+    grpc_port = next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "grpc")
+    for name in ("detection", "embedding"):
+        env = _env(docs, name)
+        assert env["LOUPE_TRITON_URL"] == f"{name_of('triton')}:{grpc_port}"
+        assert float(env["LOUPE_TRITON_TIMEOUT_SECONDS"]) > 0
+    (container,) = pod_spec(named(docs, "Deployment", name_of("triton")))["containers"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "--model-repository=/models" in container["args"]
+    assert mounts["/models"]["readOnly"] is True
+
+
+def test_model_repository_comes_from_the_models_image_by_default(docs: list[dict]) -> None:
+    for doc in workloads(docs):
+        if component(doc) not in ("detection", "embedding", "triton"):
+            assert "initContainers" not in pod_spec(doc)
+            continue
+        (init,) = pod_spec(doc)["initContainers"]
+        assert "loupe-models" in init["image"]
+        assert init["command"] == ["cp", "-R", "/models/.", "/model-repository/"]
+        volumes = {v["name"]: v for v in pod_spec(doc)["volumes"]}
+        assert "emptyDir" in volumes["model-repository"]
+
+
+def test_a_model_repository_on_a_pvc_is_mounted_read_only() -> None:
+    docs = render("gpu", "modelRepository.source=pvc", "modelRepository.pvc.claimName=loupe-models")
+    for name in ("detection", "embedding", "triton"):
+        spec = pod_spec(named(docs, "Deployment", name_of(name)))
+        assert "initContainers" not in spec
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        claim = volumes["model-repository"]["persistentVolumeClaim"]
+        assert claim == {"claimName": "loupe-models", "readOnly": True}
+
+
+def _secret_refs(docs: list[dict]) -> dict[str, tuple[str, str]]:
+    refs = {}
+    for doc in workloads(docs):
+        for container in pod_spec(doc)["containers"]:
+            for variable in container.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs[variable["name"]] = (ref["name"], ref["key"])
+    return refs
+
+
+def test_credentials_come_from_a_secret(profile: str, docs: list[dict]) -> None:
+    refs = _secret_refs(docs)
+    if profile == "dev":
+        assert refs == {}, "no Redis and an embedded Milvus: no credentials"
+        return
+    assert set(refs) == {"LOUPE_REDIS_PASSWORD", "LOUPE_MILVUS_TOKEN"}
+    secret = named(docs, "Secret", RELEASE)
+    for name, key in refs.values():
+        assert name == RELEASE and key in secret["data"]
+    for config_map in of_kind(docs, "ConfigMap"):
+        assert not {"LOUPE_REDIS_PASSWORD", "LOUPE_MILVUS_TOKEN"} & set(config_map["data"])
+
+
+def test_an_existing_secret_replaces_the_chart_secret() -> None:
+    docs = render("default", "secrets.existingSecret=loupe-credentials")
+    assert not of_kind(docs, "Secret")
+    assert {ref[0] for ref in _secret_refs(docs).values()} == {"loupe-credentials"}
+
+
+def test_embedded_milvus_is_a_single_writer() -> None:
+    docs = render("dev")
+    retrieval = named(docs, "Deployment", name_of("retrieval"))
+    assert retrieval["spec"]["replicas"] == 1
+    assert retrieval["spec"]["strategy"] == {"type": "Recreate"}
+    env = _env(docs, "retrieval")
+    assert "LOUPE_MILVUS_URI" not in env and env["LOUPE_DATA_DIR"] == "/data"
+    volumes = {v["name"]: v for v in pod_spec(retrieval)["volumes"]}
+    claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+    pvc = named(docs, "PersistentVolumeClaim", claim)
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("services.retrieval.replicas=2",), "single writer"),
+        (("services.retrieval.autoscaling.enabled=true",), "single writer"),
+    ],
+)
+def test_embedded_milvus_refuses_more_than_one_replica(sets: tuple[str, ...], message: str) -> None:
+    with pytest.raises(RenderError, match=message):
+        render("dev", *sets)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("inference.backend=cuda",), "expected onnxruntime or triton"),
+        (("services.gatway.replicas=1",), "services.gatway: unknown service"),
+        (("modelRepository.source=pvc",), "needs modelRepository.pvc.claimName"),
+        (("milvus.uri=",), "milvus.uri is empty"),
+        (("secrets.existingSecret=x", "secrets.redisPassword=y"), "not in secrets.redisPassword"),
+    ],
+)
+def test_bad_values_are_refused_with_a_message(sets: tuple[str, ...], message: str) -> None:
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render("default", *sets)
+
+
+# ---- monitoring ------------------------------------------------------------------------------
+
+
+def test_service_monitor_scrapes_every_metrics_port(profile: str, docs: list[dict]) -> None:
+    monitors = of_kind(docs, "ServiceMonitor")
+    if profile == "dev":
+        assert not monitors
+        return
+    (monitor,) = monitors
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selector = spec["selector"]["matchLabels"]
+    selected = [
+        s for s in of_kind(docs, "Service") if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    with_metrics = [
+        s
+        for s in of_kind(docs, "Service")
+        if any(p["name"] == "metrics" for p in s["spec"]["ports"])
+    ]
+    assert {s["metadata"]["name"] for s in with_metrics} <= {
+        s["metadata"]["name"] for s in selected
+    }
+    expected = len(SERVICES) + (profile == "gpu")
+    assert len(with_metrics) == expected
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # Loupe's own `service` label must win over the Operator's target label of that name.
+    assert endpoint["honorLabels"] is True
+    assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+
+
+def test_alerts_are_well_formed_and_documented(profile: str, docs: list[dict]) -> None:
+    rules = alert_rules(docs)
+    if profile == "dev":
+        assert not rules
+        return
+    (rule_doc,) = of_kind(docs, "PrometheusRule")
+    assert rule_doc["apiVersion"] == "monitoring.coreos.com/v1"
+    readme = (CHART / "README.md").read_text()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    expected = {
+        "LoupeHighErrorRatio",
+        "LoupeHighLatencyP99",
+        "LoupeServiceNotServing",
+        "LoupeMetricsTargetDown",
+        "LoupeCacheErrors",
+        "LoupeIndexFailures",
+    }
+    if profile == "gpu":
+        expected |= {"LoupeTritonQueueTime", "LoupeTritonInferenceFailures"}
+    assert set(names) == expected
+    for rule in rules:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        parse_promql(rule["expr"])
+        assert re.fullmatch(r"\d+[smh]", rule["for"])
+        assert rule["labels"]["severity"] in {"critical", "warning"}
+        assert {"summary", "description"} <= set(rule["annotations"])
+        # Every alert has a section in the chart README saying what it means and what to do.
+        assert re.search(rf"^#+ `?{rule['alert']}`?\s*$", readme, re.MULTILINE), rule["alert"]
+
+
+@pytest.mark.parametrize("production", ["default", "gpu"])
+def test_error_ratio_counts_server_side_codes_only(production: str) -> None:
+    docs = render(production)
+    (rule,) = [r for r in alert_rules(docs) if r["alert"] == "LoupeHighErrorRatio"]
+    codes = set(re.search(r'code=~"([^"]+)"', rule["expr"]).group(1).split("|"))  # type: ignore[union-attr]
+    assert codes >= SERVER_SIDE_CODES
+    assert not codes & {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
+
+
+@pytest.mark.parametrize("production", ["default", "gpu"])
+def test_alerts_and_dashboard_select_this_release(production: str) -> None:
+    docs = render(production)
+    for rule in alert_rules(docs):
+        assert f'namespace="{NAMESPACE}"' in rule["expr"], rule["alert"]
+        assert f'job=~"{RELEASE}-(' in rule["expr"] or f'job="{RELEASE}-triton"' in rule["expr"]
+
+
+def test_dashboard_is_found_by_the_grafana_sidecar(docs: list[dict]) -> None:
+    config_maps = [
+        c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
+    ]
+    (config_map,) = config_maps
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (dashboard,) = dashboards(docs)
+    assert dashboard["uid"] and dashboard["title"] == "Loupe"
+    ids = [p["id"] for p in panels(dashboard)]
+    assert len(ids) == len(set(ids))
+    rows = {p["title"] for p in panels(dashboard) if p["type"] == "row"}
+    assert rows == {
+        "Requests (every service)",
+        "Gateway",
+        "Inference (detection, embedding)",
+        "Triton (GPU profile)",
+    }
+    for panel in panels(dashboard):
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+    for query in dashboard_queries(dashboard):
+        parse_promql(query)
+
+
+def test_dashboard_covers_what_sres_look_at(docs: list[dict]) -> None:
+    (dashboard,) = dashboards(docs)
+    text = "\n".join(dashboard_queries(dashboard))
+    for needle in (
+        "histogram_quantile(0.5, sum by (service, method, le)",
+        "histogram_quantile(0.99, sum by (service, method, le)",
+        "loupe_gateway_stage_duration_seconds_bucket",
+        "loupe_gateway_cache_hits_total",
+        "loupe_inference_duration_seconds_bucket",
+        "loupe_inference_batch_size_sum",
+        "nv_inference_queue_duration_us",
+        "nv_gpu_utilization",
+    ):
+        assert needle in text, needle
+
+
+def test_dashboard_label_is_configurable() -> None:
+    docs = render("default", "monitoring.dashboard.labels.team_dashboards=yes")
+    (config_map,) = [
+        c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert config_map["metadata"]["labels"]["team_dashboards"] == "yes"
+
+
+# ---- values.yaml -----------------------------------------------------------------------------
+
+
+def test_every_value_is_documented() -> None:
+    """Every key of values.yaml down to the second level has a comment just above it, unless it
+    sits in a block passed through to Kubernetes as is (a security context, an env map) or
+    repeats, per service, a shape documented on the first service (the gateway)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    passthrough = {"podSecurityContext", "securityContext", "env"}
+    parents: list[tuple[int, str]] = []
+    undocumented = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w./-]*):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = [p for _, p in parents]
+        parents.append((indent, key))
+        if indent > 2 or (path and path[-1] in passthrough):
+            continue
+        if path[:1] == ["services"] and key != "gateway":
+            continue
+        if not lines[number - 1].strip().startswith("#"):
+            undocumented.append(".".join([*path, key]))
+    assert not undocumented, f"undocumented values: {undocumented}"

