@@ -4,6 +4,8 @@
     loupe index PATH... [--detect]       index image files and folders (recursively)
     loupe search IMAGE... [--box x0,y0,x1,y1] [--objects] [--top-k K] [--json]
     loupe search --item ID               more like an indexed item
+    loupe catalogs list|drop|augment     manage catalogues (--catalog NAME elsewhere)
+    loupe eval retrieval|detection       measure quality on labelled data
     loupe down [--data-dir DIR]          stop the stack
 
 Every client command takes --gateway HOST:PORT (or LOUPE_GATEWAY) to use a remote gateway.
@@ -26,7 +28,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from loupe.v1 import common_pb2, detection_pb2, gateway_pb2, gateway_pb2_grpc
-from services.cli import output, stack
+from services.cli import eval_detection, eval_retrieval, output, stack
 from services.cli.client import DEFAULT_DATA_DIR, channel, gateway_address
 
 INDEX_CHUNK = 32
@@ -230,6 +232,7 @@ async def cmd_index(args: argparse.Namespace) -> int:
                         metadata=metadata,
                         detect=args.detect,
                         skip_duplicates=args.skip_duplicates,
+                        catalog=args.catalog,
                     )
                 )
                 paths.append(path)
@@ -265,7 +268,11 @@ async def cmd_search(args: argparse.Namespace) -> int:
     if args.item and args.box:
         raise UsageError("--box applies to image queries, not --item")
     base = gateway_pb2.SearchRequest(
-        top_k=args.top_k, objects=args.objects, filter=parse_where(args.where)
+        top_k=args.top_k,
+        objects=args.objects,
+        filter=parse_where(args.where),
+        catalog=args.catalog,
+        candidates=args.candidates,
     )
     if args.box:
         base.crop.CopyFrom(parse_box(args.box))
@@ -367,7 +374,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     async with channel(address) as ch:
         try:
             item = await gateway_pb2_grpc.GatewayStub(ch).Get(
-                gateway_pb2.GetRequest(item_id=args.item_id)
+                gateway_pb2.GetRequest(item_id=args.item_id, catalog=args.catalog)
             )
         except grpc.aio.AioRpcError as error:
             say(f"loupe get: {rpc_failure(error, address)}")
@@ -381,13 +388,54 @@ async def cmd_delete(args: argparse.Namespace) -> int:
     async with channel(address) as ch:
         try:
             reply = await gateway_pb2_grpc.GatewayStub(ch).Delete(
-                gateway_pb2.DeleteRequest(item_id=args.item_id)
+                gateway_pb2.DeleteRequest(item_id=args.item_id, catalog=args.catalog)
             )
         except grpc.aio.AioRpcError as error:
             say(f"loupe delete: {rpc_failure(error, address)}")
             return 1
     print("deleted" if reply.deleted else f"no item {args.item_id!r}")
     return 0 if reply.deleted else 1
+
+
+async def cmd_catalogs(args: argparse.Namespace) -> int:
+    address = gateway_address(args.gateway)
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        try:
+            if args.action == "list":
+                listed = await stub.ListCatalogs(gateway_pb2.ListCatalogsRequest())
+                if args.json:
+                    print(
+                        json.dumps(
+                            MessageToDict(listed, always_print_fields_with_no_presence=True),
+                            indent=2,
+                        )
+                    )
+                else:
+                    print(f"{'catalog':<24} {'items':>9} {'rows':>9}  index")
+                    for c in listed.catalogs:
+                        print(
+                            f"{c.name:<24} {c.items:>9} {c.rows:>9}  {c.index_type} "
+                            f"({c.candidate_code}, {c.code_bytes} B per row; "
+                            f"full vectors {c.full_vector_bytes} B; DBA k={c.dba_neighbours})"
+                        )
+                return 0
+            if not args.name:
+                raise UsageError(f"loupe catalogs {args.action} needs a catalog NAME")
+            if args.action == "drop":
+                dropped = await stub.DropCatalog(gateway_pb2.DropCatalogRequest(catalog=args.name))
+                print("dropped" if dropped.dropped else f"no catalog {args.name!r}")
+                return 0 if dropped.dropped else 1
+            augmented = await stub.AugmentCatalog(
+                gateway_pb2.AugmentCatalogRequest(
+                    catalog=args.name, neighbours=args.neighbours, alpha=args.alpha
+                )
+            )
+            print(f"augmented {augmented.items} items in {augmented.seconds:.1f}s")
+            return 0
+        except grpc.aio.AioRpcError as error:
+            say(f"loupe catalogs: {rpc_failure(error, address)}")
+            return 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -420,6 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
+    def with_catalog(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--catalog",
+            default="",
+            metavar="NAME",
+            help="catalogue to use (default: 'default'; indexing creates it)",
+        )
+        return with_gateway(p)
+
     up = with_data_dir(commands.add_parser("up", help="start the embedded stack"))
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
     up.set_defaults(run=cmd_up)
@@ -430,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         run=cmd_status
     )
 
-    index = with_gateway(commands.add_parser("index", help="index image files and folders"))
+    index = with_catalog(commands.add_parser("index", help="index image files and folders"))
     index.add_argument("paths", nargs="+", metavar="PATH")
     index.add_argument("--detect", action="store_true", help="also index each detected object")
     index.add_argument(
@@ -450,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(run=cmd_index)
 
-    search = with_gateway(commands.add_parser("search", help="search by image, crop or item"))
+    search = with_catalog(commands.add_parser("search", help="search by image, crop or item"))
     search.add_argument("images", nargs="*", metavar="IMAGE")
     search.add_argument(
         "--item",
@@ -462,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--box", metavar="x0,y0,x1,y1", help="search only this region (pixels)")
     search.add_argument("--objects", action="store_true", help="also search each detected object")
     search.add_argument("--top-k", type=int, default=10, metavar="K")
+    search.add_argument(
+        "--candidates",
+        type=int,
+        default=0,
+        metavar="K'",
+        help="candidates fetched from the index before ranking (default: the gateway's)",
+    )
     search.add_argument(
         "--where",
         action="append",
@@ -478,12 +542,48 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--json", action="store_true")
     detect.set_defaults(run=cmd_detect)
 
-    get = with_gateway(commands.add_parser("get", help="show an indexed item"))
+    get = with_catalog(commands.add_parser("get", help="show an indexed item"))
     get.add_argument("item_id")
     get.set_defaults(run=cmd_get)
-    delete = with_gateway(commands.add_parser("delete", help="delete an indexed item"))
+    delete = with_catalog(commands.add_parser("delete", help="delete an indexed item"))
     delete.add_argument("item_id")
     delete.set_defaults(run=cmd_delete)
+
+    catalogs = with_gateway(
+        commands.add_parser(
+            "catalogs",
+            help="list, drop or augment catalogues",
+            description="list: every catalogue with its size and index. drop NAME: delete a "
+            "catalogue and its items. augment NAME: recompute its database-side augmentation "
+            "over all items (run after a bulk load; indexing augments each new item with "
+            "the items already there).",
+        )
+    )
+    catalogs.add_argument("action", choices=("list", "drop", "augment"))
+    catalogs.add_argument("name", nargs="?", default="", metavar="NAME")
+    catalogs.add_argument("--neighbours", type=int, default=0, help="augment: k (0 = default)")
+    catalogs.add_argument("--alpha", type=float, default=0.0, help="augment: alpha (0 = default)")
+    catalogs.add_argument("--json", action="store_true", help="list: as JSON")
+    catalogs.set_defaults(run=cmd_catalogs)
+
+    evaluate = commands.add_parser("eval", help="measure retrieval or detection quality")
+    kinds = evaluate.add_subparsers(dest="kind", required=True)
+    retrieval = kinds.add_parser(
+        "retrieval",
+        help="mAP, precision and latency of search on a labelled image set",
+        description=eval_retrieval.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eval_retrieval.add_arguments(retrieval)
+    retrieval.set_defaults(run=eval_retrieval.run)
+    detection = kinds.add_parser(
+        "detection",
+        help="COCO AP of the detection service beside a reference decode",
+        description=eval_detection.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eval_detection.add_arguments(detection)
+    detection.set_defaults(run=eval_detection.run)
 
     serve = commands.add_parser("serve", help="run one service in the foreground (containers)")
     serve.add_argument("service", choices=stack.SERVICES)

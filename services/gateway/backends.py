@@ -16,7 +16,6 @@ from loupe.v1 import (
     detection_pb2_grpc,
     embedding_pb2_grpc,
     ranking_pb2_grpc,
-    retrieval_pb2,
     retrieval_pb2_grpc,
 )
 from services.gateway.settings import GatewaySettings
@@ -25,6 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The caller's fault: passed through with the backend's own message.
+LONG_CALL_SECONDS = 3600.0
 CALLER_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
@@ -75,9 +75,15 @@ class Backends:
         method: Callable[..., Awaitable[T]],
         request: Any,
         context: grpc.aio.ServicerContext | None,
+        *,
+        long: bool = False,
     ) -> T:
-        """Call a backend within the caller's deadline; map failures to RequestError."""
-        timeout = self._timeout
+        """Call a backend within the caller's deadline; map failures to RequestError.
+
+        `long` calls (batch jobs) are bounded by the caller's deadline alone, or by
+        LONG_CALL_SECONDS without one, not by the per-call backend timeout.
+        """
+        timeout = LONG_CALL_SECONDS if long else self._timeout
         if context is not None and (remaining := context.time_remaining()) is not None:
             timeout = min(timeout, max(remaining, 0.001))
         try:
@@ -101,17 +107,6 @@ class Backends:
             lambda: self.call(service, stub.Describe, common_pb2.DescribeRequest(), context),
         )
         return f"{info.model_name}/{info.model_version}"
-
-    async def exact_scores(self, context: grpc.aio.ServicerContext | None) -> bool:
-        """Whether retrieval's scores are already full precision (then ranking needs no
-        stored vectors, and fetching them would cost most of a search)."""
-        stats = await self._remembered(
-            "retrieval",
-            lambda: self.call(
-                "retrieval", self.retrieval.Stats, retrieval_pb2.StatsRequest(), context
-            ),
-        )
-        return stats.exact_scores
 
     async def _remembered(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """fetch()'s answer, reused for REMEMBER_SECONDS. When a refresh fails the last answer

@@ -28,6 +28,12 @@ T = TypeVar("T")
 GENERATION_KEY = "loupe:generation"
 
 
+def generation_key(catalog: str) -> str:
+    """Each catalogue has its own index generation: writing to one keeps the others' cached
+    results."""
+    return f"{GENERATION_KEY}:{catalog}"
+
+
 def embedding_key(embedder: str, detector: str, content_hash: str) -> str:
     """Vectors of one image content under one model pair ("-" when nothing was detected)."""
     return f"loupe:emb:{embedder}:{detector}:{content_hash}"
@@ -103,15 +109,18 @@ class Cache:
     async def set_embedding(self, key: str, value: bytes) -> None:
         await self._run("set_embedding", lambda r: r.set(key, value, ex=self._embedding_ttl))
 
-    async def generation(self) -> int | None:
-        """The index generation, or None when it cannot be read (then no search is cached)."""
-        answered, value = await self._run("get_generation", lambda r: r.get(GENERATION_KEY))
+    async def generation(self, catalog: str) -> int | None:
+        """The catalogue's index generation, or None when it cannot be read (then no search is
+        cached)."""
+        key = generation_key(catalog)
+        answered, value = await self._run("get_generation", lambda r: r.get(key))
         if not answered:
             return None
         return int(value) if value is not None else 0
 
-    async def bump_generation(self) -> None:
-        await self._run("bump_generation", lambda r: r.incr(GENERATION_KEY))
+    async def bump_generation(self, catalog: str) -> None:
+        key = generation_key(catalog)
+        await self._run("bump_generation", lambda r: r.incr(key))
 
     async def get_search(self, key: str) -> bytes | None:
         return _as_bytes((await self._run("get_search", lambda r: r.get(key)))[1])

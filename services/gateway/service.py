@@ -2,8 +2,9 @@
 
 Search, in order: resolve the query to vectors (an item's stored vectors, or the image's,
 from the embedding cache or the embedding service, after detection when objects are asked
-for) -> candidates from retrieval (K' rows) -> ranking (full-precision similarity and
-metadata signals, one hit per item) -> top_k. Whole results are cached by request.
+for) -> candidates from retrieval's compact index (K' items) with their full-precision
+vectors -> ranking (query expansion, full-precision similarity and metadata signals, one hit
+per item) -> top_k. Whole results are cached by request, per catalogue.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import grpc
+import numpy as np
 
 from loupe.v1 import (
     common_pb2,
@@ -42,6 +44,7 @@ from services.gateway.validation import (
     check_item_id,
     check_metadata,
     invalid,
+    resolve_catalog,
     resolve_top_k,
 )
 
@@ -110,15 +113,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.DeleteResponse:
         try:
             check_item_id(request.item_id)
+            catalog = resolve_catalog(request.catalog)
             with stage("delete"):
                 reply = await self.backends.call(
                     "retrieval",
                     self.backends.retrieval.Delete,
-                    retrieval_pb2.DeleteItemRequest(item_id=request.item_id),
+                    retrieval_pb2.DeleteItemRequest(item_id=request.item_id, catalog=catalog),
                     context,
                 )
             if reply.rows_deleted:
-                await self.cache.bump_generation()
+                await self.cache.bump_generation(catalog)
             return gateway_pb2.DeleteResponse(deleted=reply.rows_deleted > 0)
         except RequestError as error:
             await context.abort(error.code, error.message)
@@ -129,7 +133,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.GetResponse:
         try:
             check_item_id(request.item_id)
-            item = await self._stored_item(request.item_id, context, include_vectors=False)
+            item = await self._stored_item(
+                request.item_id, resolve_catalog(request.catalog), context, include_vectors=False
+            )
             return gateway_pb2.GetResponse(
                 item_id=item.item_id,
                 content_hash=item.content_hash,
@@ -175,6 +181,79 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(error.code, error.message)
             raise
 
+    async def ListCatalogs(
+        self, request: gateway_pb2.ListCatalogsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListCatalogsResponse:
+        try:
+            reply = await self.backends.call(
+                "retrieval",
+                self.backends.retrieval.ListCatalogs,
+                retrieval_pb2.RetrievalListCatalogsRequest(),
+                context,
+            )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+        return gateway_pb2.ListCatalogsResponse(
+            catalogs=[
+                gateway_pb2.Catalog(
+                    name=c.catalog,
+                    items=c.items,
+                    rows=c.rows,
+                    dimension=c.dimension,
+                    index_type=c.index_type,
+                    candidate_code=c.candidate_code,
+                    code_bytes=c.code_bytes,
+                    full_vector_bytes=c.full_vector_bytes,
+                    dba_neighbours=c.dba_neighbours,
+                )
+                for c in reply.catalogs
+            ]
+        )
+
+    async def DropCatalog(
+        self, request: gateway_pb2.DropCatalogRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DropCatalogResponse:
+        try:
+            if not request.catalog:
+                # An empty name would mean the default catalogue: too easy to send by mistake.
+                raise invalid("name the catalog to drop (the default one is 'default')")
+            catalog = resolve_catalog(request.catalog)
+            reply = await self.backends.call(
+                "retrieval",
+                self.backends.retrieval.DropCatalog,
+                retrieval_pb2.RetrievalDropCatalogRequest(catalog=catalog),
+                context,
+            )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+        await self.cache.bump_generation(catalog)
+        return gateway_pb2.DropCatalogResponse(dropped=reply.dropped)
+
+    async def AugmentCatalog(
+        self, request: gateway_pb2.AugmentCatalogRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.AugmentCatalogResponse:
+        try:
+            catalog = resolve_catalog(request.catalog)
+            with stage("augment"):
+                reply = await self.backends.call(
+                    "retrieval",
+                    self.backends.retrieval.Augment,
+                    retrieval_pb2.AugmentRequest(
+                        catalog=catalog, neighbours=request.neighbours, alpha=request.alpha
+                    ),
+                    context,
+                    # A batch job over the whole catalogue: the caller's deadline bounds it,
+                    # not the per-call backend timeout.
+                    long=True,
+                )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+        await self.cache.bump_generation(catalog)
+        return gateway_pb2.AugmentCatalogResponse(items=reply.items, seconds=reply.seconds)
+
     # ---- search -------------------------------------------------------------------------
 
     async def _search(
@@ -191,6 +270,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         elif not request.image:
             raise invalid("image is empty")
         check_metadata(request.context_metadata, "context_metadata")
+        catalog = resolve_catalog(request.catalog)
+        if request.candidates and not top_k <= request.candidates <= self.settings.max_candidates:
+            raise invalid(
+                f"candidates={request.candidates}: expected {top_k} (top_k) to "
+                f"{self.settings.max_candidates}, or 0 for the default"
+            )
         image_hash = content_hash_of(request.image) if query == "image" else ""
 
         embedder = await self.backends.model_info("embedding", context)
@@ -201,11 +286,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # The cache key is the request with the image replaced by its hash, plus the models,
         # under the current index generation.
         key = None
-        generation = await self.cache.generation()
+        generation = await self.cache.generation(catalog)
         if generation is not None:
             normalised = gateway_pb2.SearchRequest()
             normalised.CopyFrom(request)
             normalised.top_k = top_k
+            normalised.catalog = catalog
             normalised.ClearField("image")  # its hash stands for it
             material = normalised.SerializeToString(deterministic=True)
             key = cache_keys.search_key(
@@ -228,7 +314,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             exclude: list[str] = []
             query_metadata = dict(request.context_metadata)
         else:
-            item = await self._stored_item(request.item_id, context, include_vectors=True)
+            item = await self._stored_item(request.item_id, catalog, context, include_vectors=True)
             main_vector = item.objects[0].vector
             object_queries = [
                 (self._detection_of(o), o.vector) for o in item.objects[1:] if request.objects
@@ -237,11 +323,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             query_metadata = {**item.metadata, **request.context_metadata}
 
         response = gateway_pb2.SearchResponse(model_version=embedder)
+        # A whole image is compared with whole images only, so that indexing objects never
+        # changes whole-image results; a crop or a detected object is compared with objects
+        # too (Flashlight, Similar Looks), each item counted once.
+        whole = not request.HasField("crop")
         searches = [
-            self._search_vector(main_vector, top_k, request, exclude, query_metadata, context)
+            self._search_vector(
+                main_vector, top_k, request, catalog, exclude, query_metadata, whole, context
+            )
         ]
         searches += [
-            self._search_vector(vector, top_k, request, exclude, query_metadata, context)
+            self._search_vector(
+                vector, top_k, request, catalog, exclude, query_metadata, False, context
+            )
             for _, vector in object_queries
         ]
         results = await asyncio.gather(*searches)
@@ -292,15 +386,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         vector: common_pb2.Vector,
         top_k: int,
         request: gateway_pb2.SearchRequest,
+        catalog: str,
         exclude: list[str],
         query_metadata: dict[str, common_pb2.Value],
+        whole_images_only: bool,
         context: grpc.aio.ServicerContext,
     ) -> list[common_pb2.Hit]:
-        candidates_wanted = max(self.settings.min_candidates, 4 * top_k)
-        # Ranking re-scores with the stored full-precision vectors only where the index's own
-        # scores are not already full precision.
-        include_vectors = not await self.backends.exact_scores(context)
+        candidates_wanted = request.candidates or max(self.settings.min_candidates, 4 * top_k)
         with stage("retrieve"):
+            # Vectors always: ranking re-scores the compact index's candidates with them, and
+            # query expansion needs them.
             candidates = await self.backends.call(
                 "retrieval",
                 self.backends.retrieval.Search,
@@ -309,7 +404,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     limit=candidates_wanted,
                     filter=request.filter,
                     exclude_item_ids=exclude,
-                    include_vectors=include_vectors,
+                    include_vectors=True,
+                    catalog=catalog,
+                    whole_images_only=whole_images_only,
+                    distinct_items=not whole_images_only,
                 ),
                 context,
             )
@@ -336,6 +434,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.IndexResponse:
         check_item_id(request.item_id)
         check_metadata(request.metadata)
+        catalog = resolve_catalog(request.catalog)
         if not request.image:
             raise invalid("image is empty")
         content_hash = content_hash_of(request.image)
@@ -360,7 +459,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         with stage("duplicates"):
             duplicates, unchanged = await self._duplicates(
-                request.item_id, content_hash, vectors.objects[0].vector, context
+                request.item_id, catalog, content_hash, vectors.objects[0].vector, context
             )
         response.duplicates.extend(duplicates)
         response.unchanged = unchanged
@@ -382,10 +481,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await self.backends.call(
                 "retrieval",
                 self.backends.retrieval.Upsert,
-                retrieval_pb2.UpsertRequest(item=item),
+                retrieval_pb2.UpsertRequest(item=item, catalog=catalog),
                 context,
             )
-        await self.cache.bump_generation()
+        await self.cache.bump_generation(catalog)
         ITEMS_INDEXED.inc()
         response.indexed = True
         return response
@@ -428,27 +527,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _duplicates(
         self,
         item_id: str,
+        catalog: str,
         content_hash: str,
         vector: common_pb2.Vector,
         context: grpc.aio.ServicerContext,
     ) -> tuple[list[gateway_pb2.Duplicate], bool]:
         """Other items with the same bytes (EXACT) or a whole-image cosine at or above the
-        threshold (NEAR); and whether this item is already stored with the same bytes."""
+        threshold (NEAR); and whether this item is already stored with the same bytes.
+
+        Similarity is the cosine of the vectors as embedded (not as augmented by DBA, not as
+        estimated by binary codes), so the threshold means the same in every configuration.
+        """
         same_bytes, nearest = await asyncio.gather(
             self.backends.call(
                 "retrieval",
                 self.backends.retrieval.Lookup,
-                retrieval_pb2.LookupRequest(content_hash=content_hash, limit=10),
+                retrieval_pb2.LookupRequest(content_hash=content_hash, limit=10, catalog=catalog),
                 context,
             ),
-            self.backends.call(
-                "retrieval",
-                self.backends.retrieval.Search,
+            self._nearest_in_new_catalog_too(
                 retrieval_pb2.RetrievalSearchRequest(
                     query=vector,
                     limit=NEAR_DUPLICATE_CANDIDATES,
                     exclude_item_ids=[item_id],
                     whole_images_only=True,
+                    catalog=catalog,
+                    include_vectors=True,
+                    raw_vectors=True,
                 ),
                 context,
             ),
@@ -462,14 +567,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if i.item_id != item_id
         ]
         seen = {d.item_id for d in duplicates}
-        duplicates += [
-            gateway_pb2.Duplicate(
-                item_id=c.item_id, kind=gateway_pb2.Duplicate.NEAR, similarity=c.ann_score
+        query = np.asarray(vector.values, np.float64)
+        query /= max(float(np.linalg.norm(query)), 1e-12)
+        near = []
+        for candidate in nearest.candidates:
+            stored = np.asarray(candidate.vector.values, np.float64)
+            similarity = float(stored @ query / max(float(np.linalg.norm(stored)), 1e-12))
+            if similarity >= self.settings.duplicate_threshold and candidate.item_id not in seen:
+                near.append(
+                    gateway_pb2.Duplicate(
+                        item_id=candidate.item_id,
+                        kind=gateway_pb2.Duplicate.NEAR,
+                        similarity=similarity,
+                    )
+                )
+        near.sort(key=lambda d: -d.similarity)
+        return duplicates + near, unchanged
+
+    async def _nearest_in_new_catalog_too(
+        self, request: retrieval_pb2.RetrievalSearchRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.RetrievalSearchResponse:
+        """A search that finds nothing, rather than NOT_FOUND, in a catalogue that the item
+        being indexed is about to create."""
+        try:
+            return await self.backends.call(
+                "retrieval", self.backends.retrieval.Search, request, context
             )
-            for c in nearest.candidates
-            if c.ann_score >= self.settings.duplicate_threshold and c.item_id not in seen
-        ]
-        return duplicates, unchanged
+        except RequestError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            return retrieval_pb2.RetrievalSearchResponse()
 
     # ---- vectors ------------------------------------------------------------------------
 
@@ -538,17 +665,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return item, False
 
     async def _stored_item(
-        self, item_id: str, context: grpc.aio.ServicerContext, *, include_vectors: bool
+        self,
+        item_id: str,
+        catalog: str,
+        context: grpc.aio.ServicerContext,
+        *,
+        include_vectors: bool,
     ) -> retrieval_pb2.StoredItem:
         with stage("lookup"):
             found = await self.backends.call(
                 "retrieval",
                 self.backends.retrieval.Lookup,
-                retrieval_pb2.LookupRequest(item_id=item_id, include_vectors=include_vectors),
+                retrieval_pb2.LookupRequest(
+                    item_id=item_id, include_vectors=include_vectors, catalog=catalog
+                ),
                 context,
             )
         if not found.items:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r} in catalog {catalog!r}"
+            )
         return found.items[0]
 
     @staticmethod

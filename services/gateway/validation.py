@@ -14,6 +14,8 @@ MAX_ITEM_ID_LENGTH = 512
 MAX_STRING_VALUE_LENGTH = 4096
 MAX_METADATA_KEYS = 64
 METADATA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+CATALOG = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
+DEFAULT_CATALOG = "default"
 
 
 def invalid(message: str) -> RequestError:
@@ -27,6 +29,17 @@ def check_item_id(item_id: str) -> None:
         raise invalid(f"item_id has {len(item_id)} characters; the limit is {MAX_ITEM_ID_LENGTH}")
     if any(unicodedata.category(c) == "Cc" for c in item_id):
         raise invalid(f"item_id {item_id!r} contains control characters")
+
+
+def resolve_catalog(catalog: str) -> str:
+    if not catalog:
+        return DEFAULT_CATALOG
+    if not CATALOG.fullmatch(catalog):
+        raise invalid(
+            f"catalog {catalog!r}: expected 1 to 64 lower-case letters, digits and underscores, "
+            "starting with a letter or digit"
+        )
+    return catalog
 
 
 def check_metadata(metadata: Mapping[str, common_pb2.Value], what: str = "metadata") -> None:

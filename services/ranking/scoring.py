@@ -44,3 +44,27 @@ def best_per_item(
             if len(chosen) == top_k:
                 break
     return chosen
+
+
+def expand_query(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    similarity: np.ndarray,
+    item_ids: Sequence[str],
+    object_indexes: Sequence[int],
+    neighbours: int,
+    alpha: float,
+) -> np.ndarray:
+    """alpha-QE (Radenovic et al. 2018): the query plus its `neighbours` best items' vectors,
+    each weighted by similarity ** alpha, normalised. One row per item, so that an item's
+    detected objects do not count as several neighbours."""
+    q = np.asarray(query, dtype=np.float64)
+    q = q / np.linalg.norm(q)
+    best = best_per_item(similarity, item_ids, object_indexes, neighbours)
+    if not best:
+        return q
+    rows = np.asarray(vectors, dtype=np.float64)[best]
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    weights = np.maximum(similarity[best], 0.0) ** alpha
+    expanded = q + weights @ rows
+    return expanded / np.linalg.norm(expanded)

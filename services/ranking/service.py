@@ -63,6 +63,7 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
                     f"candidate {i} ({candidates[i].item_id!r}) has a "
                     f"{len(candidates[i].vector.values)}-d vector; the query is {query.size}-d"
                 )
+        matrix = None
         if with_vector:
             matrix = np.stack([as_array(candidates[i].vector) for i in with_vector])
             if not np.isfinite(matrix).all():
@@ -70,6 +71,20 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
             similarity[with_vector] = scoring.cosine(query, matrix)
         if not np.isfinite(similarity).all():
             raise InvalidRequest("candidate ann_score values must be finite")
+        # Query expansion needs every candidate's vector: without them (an index whose
+        # scores are already exact was asked for none) the plain similarity ranks.
+        expanded = None
+        if s.qe_neighbours > 0 and matrix is not None and len(with_vector) == len(candidates):
+            expanded_query = scoring.expand_query(
+                query,
+                matrix,
+                similarity,
+                [c.item_id for c in candidates],
+                [c.object_index for c in candidates],
+                s.qe_neighbours,
+                s.qe_alpha,
+            )
+            expanded = scoring.cosine(expanded_query, matrix)
 
         popularity = scoring.popularity(
             np.array([_number(c.metadata, s.popularity_field) for c in candidates]),
@@ -85,7 +100,7 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
                 for c in candidates
             ]
         )
-        score = similarity + popularity + category
+        score = (similarity if expanded is None else expanded) + popularity + category
 
         chosen = scoring.best_per_item(
             score,
@@ -101,7 +116,10 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
                 score=score[i],
                 object_index=c.object_index,
                 parts=common_pb2.ScoreParts(
-                    similarity=similarity[i], popularity=popularity[i], category=category[i]
+                    similarity=similarity[i],
+                    popularity=popularity[i],
+                    category=category[i],
+                    expanded_similarity=0.0 if expanded is None else expanded[i],
                 ),
             )
             if c.object_index > 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, env_float, env_str
+from services.common.config import ConfigError, env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,9 @@ class RankingSettings:
     popularity_scale: float
     category_field: str
     category_weight: float
+    # alpha-QE: the query is expanded with its best `qe_neighbours` items (0 = off).
+    qe_neighbours: int
+    qe_alpha: float
 
     @classmethod
     def from_env(cls) -> RankingSettings:
@@ -30,6 +33,8 @@ class RankingSettings:
             popularity_scale=scale,
             category_field=env_str("LOUPE_RANKING_CATEGORY_FIELD", "category"),
             category_weight=_weight("LOUPE_RANKING_CATEGORY_WEIGHT", 0.05),
+            qe_neighbours=env_int("LOUPE_RANKING_QE_NEIGHBOURS", 5, minimum=0, maximum=100),
+            qe_alpha=env_float("LOUPE_RANKING_QE_ALPHA", 3.0, minimum=0.0, maximum=100.0),
         )
 
 

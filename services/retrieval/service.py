@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -13,25 +15,37 @@ import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
-from services.retrieval import metadata
+from services.retrieval import augmentation, codes, metadata
 from services.retrieval.filters import InvalidFilter, build_filter
 from services.retrieval.metadata import InvalidMetadata
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
+    CATALOG_PATTERN,
+    CODE,
+    DEFAULT_CATALOG,
     MAX_ITEM_ID_CHARS,
     MAX_OBJECTS,
+    RAW,
+    VECTOR,
+    CatalogNotFound,
     MilvusStore,
     Row,
     StoreUnavailable,
 )
 
-# Indexes that keep the raw float vectors and score candidates with them. Anything else
-# (quantised, or AUTOINDEX, whose choice depends on the Milvus at hand) gets re-scored.
+# Float indexes that keep the raw vectors and score candidates with them. Anything else
+# (binary codes, quantised, or AUTOINDEX, whose choice depends on the Milvus at hand) gets
+# re-scored by ranking.
 EXACT_SCORE_INDEXES = frozenset({"FLAT", "IVF_FLAT", "HNSW"})
+# Index-time augmentation looks at this many times the neighbours it keeps, then keeps the
+# nearest by full-precision cosine: the codes only shortlist.
+DBA_SHORTLIST_FACTOR = 4
 DEFAULT_LOOKUP_LIMIT = 10
 MAX_LOOKUP_LIMIT = 100
 # VARCHAR(64) fields of the schema; a Milvus server counts their length in UTF-8 bytes.
 MAX_SHORT_TEXT_BYTES = 64
+
+log = logging.getLogger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -55,6 +69,8 @@ def _rpc(
             return await method(self, request)
         except CALLER_ERRORS as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except CatalogNotFound as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         raise AssertionError("unreachable: abort raises")
@@ -81,25 +97,65 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     @_rpc
     async def Upsert(self, request: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertResponse:
+        catalog = catalog_name(request.catalog)
         rows = self._rows(request.item)
-        replaced = await asyncio.to_thread(self.store.replace_item, request.item.item_id, rows)
+        replaced = await asyncio.to_thread(self._write_item, catalog, request.item.item_id, rows)
         return retrieval_pb2.UpsertResponse(rows=len(rows), replaced=replaced)
+
+    def _write_item(self, catalog: str, item_id: str, rows: list[Row]) -> bool:
+        """Augment the whole image's vector with its neighbours' (DBA), encode, write."""
+        whole = rows[0]
+        raw = whole.pop("unit_vector")
+        vector = raw
+        k = self.settings.dba_neighbours
+        if k > 0:
+            vector = self._augmented(catalog, item_id, raw, k)
+        whole[VECTOR] = codes.encode_vector(vector)
+        whole[RAW] = "" if vector is raw else codes.encode_vector(raw)
+        whole[CODE] = self.store.code_of(vector)
+        for row in rows[1:]:
+            unit = row.pop("unit_vector")
+            row[VECTOR], row[RAW], row[CODE] = (
+                codes.encode_vector(unit),
+                "",
+                self.store.code_of(unit),
+            )
+        return self.store.replace_item(catalog, item_id, rows)
+
+    def _augmented(self, catalog: str, item_id: str, raw: np.ndarray, k: int) -> np.ndarray:
+        try:
+            expression, params = build_filter(None, [item_id], True, lite=self.settings.is_lite)
+            rows = self.store.search(
+                catalog, raw, DBA_SHORTLIST_FACTOR * k, expression, params, vectors=True, raw=True
+            )
+        except CatalogNotFound:
+            return raw
+        if not rows:
+            return raw
+        neighbours = np.stack([codes.decode_vector(r[VECTOR]) for r in rows])
+        similarities = neighbours @ raw
+        nearest = np.argsort(-similarities, kind="stable")[:k]
+        return augmentation.augment(
+            raw, neighbours[nearest], similarities[nearest], self.settings.dba_alpha
+        )
 
     @_rpc
     async def Delete(
         self, request: retrieval_pb2.DeleteItemRequest
     ) -> retrieval_pb2.DeleteItemResponse:
         item_id = _item_id(request.item_id)
-        deleted = await asyncio.to_thread(self.store.delete_item, item_id)
+        catalog = catalog_name(request.catalog)
+        deleted = await asyncio.to_thread(self.store.delete_item, catalog, item_id)
         return retrieval_pb2.DeleteItemResponse(rows_deleted=deleted)
 
     @_rpc
     async def Lookup(self, request: retrieval_pb2.LookupRequest) -> retrieval_pb2.LookupResponse:
         vectors = request.include_vectors
+        catalog = catalog_name(request.catalog)
         key = request.WhichOneof("key")
         if key == "item_id":
             rows = await asyncio.to_thread(
-                self.store.item_rows, _item_id(request.item_id), vectors=vectors
+                self.store.item_rows, catalog, _item_id(request.item_id), vectors=vectors
             )
         elif key == "content_hash":
             limit = request.limit or DEFAULT_LOOKUP_LIMIT
@@ -109,7 +165,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                     f"{MAX_LOOKUP_LIMIT} (got {request.limit}; 0 means {DEFAULT_LOOKUP_LIMIT})"
                 )
             rows = await asyncio.to_thread(
-                self.store.rows_by_hash, request.content_hash, limit, vectors=vectors
+                self.store.rows_by_hash, catalog, request.content_hash, limit, vectors=vectors
             )
         else:
             raise InvalidRequest("set item_id or content_hash")
@@ -119,6 +175,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def Search(
         self, request: retrieval_pb2.RetrievalSearchRequest
     ) -> retrieval_pb2.RetrievalSearchResponse:
+        catalog = catalog_name(request.catalog)
         query = _unit_vector(request.query.values, self.settings.dim, "query")
         if not 0 < request.limit <= self.settings.max_limit:
             raise InvalidRequest(
@@ -133,24 +190,87 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         )
         rows = await asyncio.to_thread(
             self.store.search,
+            catalog,
             query,
             request.limit,
             expression,
             params,
             vectors=request.include_vectors,
+            raw=request.raw_vectors,
+            distinct_items=request.distinct_items,
         )
         return retrieval_pb2.RetrievalSearchResponse(candidates=[_candidate(r) for r in rows])
 
     @_rpc
     async def Stats(self, request: retrieval_pb2.StatsRequest) -> retrieval_pb2.StatsResponse:
-        rows = await asyncio.to_thread(self.store.count)
+        return await asyncio.to_thread(self._stats, catalog_name(request.catalog))
+
+    def _stats(self, catalog: str) -> retrieval_pb2.StatsResponse:
+        index_type = self.store.index_type(catalog)
         return retrieval_pb2.StatsResponse(
-            rows=rows,
-            collection=self.settings.collection,
+            catalog=catalog,
+            rows=self.store.count(catalog),
+            items=self.store.count(catalog, "object_index == 0"),
+            collection=self.store.collection_name(catalog),
             dimension=self.settings.dim,
-            index_type=self.store.index_type,
-            exact_scores=self.store.index_type in EXACT_SCORE_INDEXES,
+            index_type=index_type,
+            exact_scores=self.settings.candidate_code == "float"
+            and index_type in EXACT_SCORE_INDEXES,
+            candidate_code=self.settings.candidate_code,
+            code_bytes=self.store.code_bytes,
+            full_vector_bytes=4 * self.settings.dim,
+            dba_neighbours=self.settings.dba_neighbours,
         )
+
+    @_rpc
+    async def ListCatalogs(
+        self, request: retrieval_pb2.RetrievalListCatalogsRequest
+    ) -> retrieval_pb2.RetrievalListCatalogsResponse:
+        def stats() -> list[retrieval_pb2.StatsResponse]:
+            found = []
+            for catalog in self.store.catalogs():
+                try:
+                    found.append(self._stats(catalog))
+                except CatalogNotFound:  # dropped meanwhile
+                    continue
+            return found
+
+        return retrieval_pb2.RetrievalListCatalogsResponse(catalogs=await asyncio.to_thread(stats))
+
+    @_rpc
+    async def DropCatalog(
+        self, request: retrieval_pb2.RetrievalDropCatalogRequest
+    ) -> retrieval_pb2.RetrievalDropCatalogResponse:
+        catalog = catalog_name(request.catalog)
+        dropped = await asyncio.to_thread(self.store.drop, catalog)
+        return retrieval_pb2.RetrievalDropCatalogResponse(dropped=dropped)
+
+    @_rpc
+    async def Augment(self, request: retrieval_pb2.AugmentRequest) -> retrieval_pb2.AugmentResponse:
+        catalog = catalog_name(request.catalog)
+        k = request.neighbours or self.settings.dba_neighbours
+        alpha = request.alpha or self.settings.dba_alpha
+        if not 0 <= k <= 100 or not 0 <= alpha <= 100:
+            raise InvalidRequest(f"neighbours={k}, alpha={alpha}: expected 0-100 each")
+        started = time.perf_counter()
+        items = await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
+        return retrieval_pb2.AugmentResponse(items=items, seconds=time.perf_counter() - started)
+
+    def _augment_catalog(self, catalog: str, k: int, alpha: float) -> int:
+        """Recompute every whole image's stored vector from the vectors as embedded: the
+        batch form of DBA, independent of the order items arrived in."""
+        rows = self.store.whole_image_rows(catalog)
+        if not rows:
+            return 0
+        raws = np.stack([codes.decode_vector(r[RAW] or r[VECTOR]) for r in rows])
+        augmented = augmentation.augment_all(raws, k, alpha) if k > 0 else raws
+        for row, raw, vector in zip(rows, raws, augmented, strict=True):
+            row[VECTOR] = codes.encode_vector(vector)
+            row[RAW] = codes.encode_vector(raw) if k > 0 else ""
+            row[CODE] = self.store.code_of(vector)
+        self.store.write_rows(catalog, rows)
+        log.info("catalogue augmented", extra={"catalog": catalog, "items": len(rows), "k": k})
+        return len(rows)
 
     def _rows(self, item: retrieval_pb2.StoredItem) -> list[Row]:
         """Validate an item and turn it into one row per object."""
@@ -176,7 +296,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             "image_height": item.image_height,
         }
         rows = []
-        for obj in item.objects:
+        for obj in sorted(item.objects, key=lambda o: o.object_index):
             where = f"object {obj.object_index}"
             box: dict[str, float] = {}
             if obj.object_index > 0:
@@ -193,7 +313,8 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                     "label": _short_text(obj.label, f"{where} label"),
                     "detection_score": obj.detection_score,
                     "box": box,
-                    "vector": _unit_vector(obj.vector.values, self.settings.dim, where),
+                    # Encoded (and, for the whole image, augmented) when written.
+                    "unit_vector": _unit_vector(obj.vector.values, self.settings.dim, where),
                 }
             )
         return rows
@@ -204,6 +325,17 @@ def build() -> RetrievalService:
 
 
 # -- validation -------------------------------------------------------------------------------
+
+
+def catalog_name(catalog: str) -> str:
+    if not catalog:
+        return DEFAULT_CATALOG
+    if not CATALOG_PATTERN.fullmatch(catalog):
+        raise InvalidRequest(
+            f"catalog {catalog!r}: expected 1 to 64 lower-case letters, digits and underscores, "
+            "starting with a letter or digit"
+        )
+    return catalog
 
 
 def _item_id(item_id: str) -> str:
@@ -225,7 +357,7 @@ def _short_text(text: str, name: str) -> str:
     return text
 
 
-def _unit_vector(values: Sequence[float], dim: int, where: str) -> list[float]:
+def _unit_vector(values: Sequence[float], dim: int, where: str) -> np.ndarray:
     """The vector scaled to unit length, so that inner product is cosine similarity."""
     if len(values) != dim:
         raise InvalidRequest(f"{where}: vector has {len(values)} values; expected {dim}")
@@ -233,8 +365,7 @@ def _unit_vector(values: Sequence[float], dim: int, where: str) -> list[float]:
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(vector).all() or norm == 0.0:
         raise InvalidRequest(f"{where}: vector must be finite and not all zeros")
-    result: list[float] = (vector / norm).astype(np.float32).tolist()
-    return result
+    return (vector / norm).astype(np.float32)
 
 
 # -- rows to protos ---------------------------------------------------------------------------
@@ -267,10 +398,16 @@ def _items(rows: list[Row]) -> list[retrieval_pb2.StoredItem]:
                 box=_box(row),
                 label=row["label"],
                 detection_score=row["detection_score"],
-                vector=common_pb2.Vector(values=row["vector"]) if "vector" in row else None,
+                vector=_vector(row),
             )
         )
     return list(items.values())
+
+
+def _vector(row: Row) -> common_pb2.Vector | None:
+    if VECTOR not in row:
+        return None
+    return common_pb2.Vector(values=codes.decode_vector(row[VECTOR]).tolist())
 
 
 def _candidate(row: Row) -> retrieval_pb2.Candidate:
@@ -280,7 +417,7 @@ def _candidate(row: Row) -> retrieval_pb2.Candidate:
         box=_box(row),
         label=row["label"],
         ann_score=row["score"],
-        vector=common_pb2.Vector(values=row["vector"]) if "vector" in row else None,
+        vector=_vector(row),
     )
     metadata.to_proto(row["metadata"], candidate.metadata)
     return candidate

@@ -1,4 +1,4 @@
-"""The Milvus collection, through pymilvus's synchronous MilvusClient.
+"""Catalogues as Milvus collections, through pymilvus's synchronous MilvusClient.
 
 The same code serves milvus-lite (a local .db file) and a Milvus server (an http(s) URI):
 only the URI differs, plus the string-literal dialect of filters (see filters.py) and
@@ -12,14 +12,18 @@ server every read asks for Strong consistency.
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from services.common.config import ConfigError
+from services.retrieval import codes
 from services.retrieval.filters import quote
 from services.retrieval.settings import MILVUS_MAX_TOPK, RetrievalSettings
 
@@ -27,8 +31,13 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
+# The ANN field: binary sign codes or the float vector (settings.candidate_code).
+CODE = "code"
+# The full-precision vector as stored for ranking (after database-side augmentation), and the
+# vector as embedded ("" when the two are the same), both as base64 text (codes.py).
 VECTOR = "vector"
-# Every field but the vector: what lookups and searches return.
+RAW = "raw"
+# Every field but the vectors: what lookups and searches return.
 FIELDS = [
     "item_id",
     "object_index",
@@ -46,22 +55,43 @@ MAX_ITEM_ID_CHARS = 512
 MAX_OBJECTS = 1000
 # Indexed when the Milvus at hand can: lookups and deletes filter on them.
 SCALAR_INDEXED = ("item_id", "content_hash")
+DEFAULT_CATALOG = "default"
+CATALOG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
+# Separates the prefix from the catalogue name in a collection name.
+SEPARATOR = "__"
+# Rows read per page when the batch job walks a catalogue.
+PAGE = 1000
 
 
 class StoreUnavailable(Exception):
     """Milvus failed or is not reachable; the message names the URI, never the token."""
 
 
+class CatalogNotFound(LookupError):
+    """A read named a catalogue that does not exist (writes create theirs)."""
+
+
 class MilvusStore:
+    """Every method takes a catalogue name (already validated) and blocks: the service runs
+    them in threads. A catalogue's collection is created by the first write into it."""
+
     def __init__(self, settings: RetrievalSettings) -> None:
         self.settings = settings
-        self.index_type = settings.index_type
         self._client: MilvusClient | None = None
+        # Collections known to exist and be loaded, with their index types.
+        self._loaded: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def code_bytes(self) -> int:
+        if self.settings.candidate_code == "binary":
+            return codes.code_bits(self.settings.dim) // 8
+        return 4 * self.settings.dim
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect, create the collection if missing (or check its dimension), and load it."""
+        """Connect, and make sure the default catalogue exists and is loaded."""
         s = self.settings
         if s.is_lite:
             Path(s.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
@@ -69,28 +99,15 @@ class MilvusStore:
             self._client = MilvusClient(
                 uri=s.milvus_uri, token=s.milvus_token, db_name=s.db_name, timeout=s.timeout_seconds
             )
-            if self._client.has_collection(s.collection, timeout=s.timeout_seconds):
-                self._check_dimension()
-            else:
-                self._create()
-            # Also when a start-up died between creating the collection and its indexes.
-            if VECTOR not in self._client.list_indexes(s.collection, timeout=s.timeout_seconds):
-                self._create_indexes()
-            self._client.load_collection(s.collection, timeout=s.timeout_seconds)
-            index = self._client.describe_index(s.collection, VECTOR, timeout=s.timeout_seconds)
-        self.index_type = (index or {}).get("index_type", s.index_type)
-        if self.index_type != s.index_type:
-            log.warning(
-                "collection has another index type than configured; re-create it to change",
-                extra={"collection": s.collection, "index_type": self.index_type},
-            )
+        self.collection(DEFAULT_CATALOG, create=True)
         log.info(
-            "collection loaded",
-            extra={"uri": s.milvus_uri, "collection": s.collection, "rows": self.count()},
+            "connected",
+            extra={"uri": s.milvus_uri, "catalogs": self.catalogs(), "code": s.candidate_code},
         )
 
     def close(self) -> None:
         client, self._client = self._client, None
+        self._loaded.clear()
         if client is None:
             return
         client.close()
@@ -101,7 +118,65 @@ class MilvusStore:
 
             server_manager_instance.release_server(self.settings.milvus_uri)
 
-    def _create(self) -> None:
+    # -- catalogues --------------------------------------------------------------------------
+
+    def collection_name(self, catalog: str) -> str:
+        return f"{self.settings.collection_prefix}{SEPARATOR}{catalog}"
+
+    def collection(self, catalog: str, *, create: bool) -> str:
+        """The catalogue's collection, loaded; created first when `create`."""
+        name = self.collection_name(catalog)
+        if name in self._loaded:
+            return name
+        s, client = self.settings, self._require()
+        with self._lock, self._errors("open catalogue"):
+            if name in self._loaded:
+                return name
+            if client.has_collection(name, timeout=s.timeout_seconds):
+                self._check_schema(name)
+            elif create:
+                self._create(name)
+            else:
+                raise CatalogNotFound(f"catalog {catalog!r} does not exist")
+            # Also when a start-up died between creating the collection and its indexes.
+            if CODE not in client.list_indexes(name, timeout=s.timeout_seconds):
+                self._create_indexes(name)
+            client.load_collection(name, timeout=s.timeout_seconds)
+            index = client.describe_index(name, CODE, timeout=s.timeout_seconds) or {}
+            index_type = str(index.get("index_type", s.index_type))
+            if index_type != s.index_type:
+                log.warning(
+                    "catalogue has another index type than configured; re-create it to change",
+                    extra={"collection": name, "index_type": index_type},
+                )
+            self._loaded[name] = index_type
+        return name
+
+    def catalogs(self) -> list[str]:
+        prefix = self.collection_name("")
+        with self._errors("list catalogues"):
+            names = self._require().list_collections(timeout=self.settings.timeout_seconds)
+        return sorted(
+            n[len(prefix) :]
+            for n in names
+            if n.startswith(prefix) and CATALOG_PATTERN.fullmatch(n[len(prefix) :])
+        )
+
+    def drop(self, catalog: str) -> bool:
+        s, name = self.settings, self.collection_name(catalog)
+        with self._lock, self._errors("drop catalogue"):
+            self._loaded.pop(name, None)
+            client = self._require()
+            if not client.has_collection(name, timeout=s.timeout_seconds):
+                return False
+            client.drop_collection(name, timeout=s.timeout_seconds)
+        log.info("catalogue dropped", extra={"collection": name})
+        return True
+
+    def index_type(self, catalog: str) -> str:
+        return self._loaded.get(self.collection(catalog, create=False), self.settings.index_type)
+
+    def _create(self, name: str) -> None:
         s, client = self.settings, self._require()
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         # A server counts max_length in UTF-8 bytes: room for 512 characters of any script.
@@ -113,7 +188,12 @@ class MilvusStore:
         # Not nullable (milvus-lite refuses nullable fields): {} when there is no box, and an
         # object, not an array, because the Milvus 2.3 server only stores JSON objects.
         schema.add_field("box", DataType.JSON)
-        schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=s.dim)
+        if s.candidate_code == "binary":
+            schema.add_field(CODE, DataType.BINARY_VECTOR, dim=codes.code_bits(s.dim))
+        else:
+            schema.add_field(CODE, DataType.FLOAT_VECTOR, dim=s.dim)
+        schema.add_field(VECTOR, DataType.VARCHAR, max_length=codes.encoded_length(s.dim))
+        schema.add_field(RAW, DataType.VARCHAR, max_length=codes.encoded_length(s.dim))
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("model_version", DataType.VARCHAR, max_length=64)
@@ -122,126 +202,234 @@ class MilvusStore:
         # Strong: a search or lookup right after a write sees it (milvus-lite always does; a
         # server's default, Bounded, may not).
         client.create_collection(
-            s.collection, schema=schema, consistency_level="Strong", timeout=s.timeout_seconds
+            name, schema=schema, consistency_level="Strong", timeout=s.timeout_seconds
         )
-        log.info("collection created", extra={"collection": s.collection, "dim": s.dim})
+        log.info("catalogue created", extra={"collection": name, "dim": s.dim})
 
-    def _create_indexes(self) -> None:
+    def _metric(self) -> str:
+        return "HAMMING" if self.settings.candidate_code == "binary" else "IP"
+
+    def _create_indexes(self, name: str) -> None:
         s, client = self.settings, self._require()
         # Every index before the first load: a Milvus 2.3 server refuses to load a collection
         # whose indexes changed while it was loaded.
         index = client.prepare_index_params()
-        index.add_index(VECTOR, index_type=s.index_type, metric_type="IP", params=s.index_params)
-        client.create_index(s.collection, index, timeout=s.timeout_seconds)
+        index.add_index(
+            CODE, index_type=s.index_type, metric_type=self._metric(), params=s.index_params
+        )
+        client.create_index(name, index, timeout=s.timeout_seconds)
         for field in SCALAR_INDEXED:
             scalar = client.prepare_index_params()
             # No index type: each Milvus picks its default for VARCHAR (Trie in milvus-lite).
             scalar.add_index(field)
             try:
-                client.create_index(s.collection, scalar, timeout=s.timeout_seconds)
+                client.create_index(name, scalar, timeout=s.timeout_seconds)
             except MilvusException as error:
                 log.info("no scalar index", extra={"field": field, "reason": error.message})
 
-    def _check_dimension(self) -> None:
+    def _check_schema(self, name: str) -> None:
         s = self.settings
-        description = self._require().describe_collection(s.collection, timeout=s.timeout_seconds)
-        dims = [
-            int(f.get("params", {}).get("dim", 0))
-            for f in description.get("fields", [])
-            if f.get("name") == VECTOR
-        ]
-        if dims != [s.dim]:
-            found = f"vector dimension {dims[0]}" if dims else f"no {VECTOR!r} field"
+        description = self._require().describe_collection(name, timeout=s.timeout_seconds)
+        fields = {f.get("name"): f for f in description.get("fields", [])}
+        want_type = (
+            DataType.BINARY_VECTOR if s.candidate_code == "binary" else DataType.FLOAT_VECTOR
+        )
+        want_dim = codes.code_bits(s.dim) if s.candidate_code == "binary" else s.dim
+        code = fields.get(CODE)
+        found = (
+            (code.get("type"), int(code.get("params", {}).get("dim", 0)))
+            if code and VECTOR in fields and RAW in fields
+            else None
+        )
+        if found != (want_type, want_dim):
             raise ConfigError(
-                f"collection {s.collection!r} at {s.milvus_uri} has {found}, but "
-                f"LOUPE_EMBEDDING_DIM={s.dim}: set LOUPE_MILVUS_COLLECTION to a new collection "
-                "(and re-index into it) or fix LOUPE_EMBEDDING_DIM"
+                f"collection {name!r} at {s.milvus_uri} was not made by this configuration "
+                f"(LOUPE_EMBEDDING_DIM={s.dim}, LOUPE_RETRIEVAL_CANDIDATE_CODE="
+                f"{s.candidate_code}; or by an older Loupe): index into a new catalogue, or "
+                "fix the settings"
             )
 
     # -- reads and writes --------------------------------------------------------------------
 
-    def item_rows(self, item_id: str, *, vectors: bool) -> list[Row]:
-        """Every row of the item, object 0 first."""
-        rows = self._query(f"item_id == {self._quote(item_id)}", vectors, MAX_OBJECTS)
+    def code_of(self, vector: np.ndarray) -> bytes | list[float]:
+        if self.settings.candidate_code == "binary":
+            return codes.binary_codes(vector[None, :])[0]
+        result: list[float] = np.asarray(vector, np.float32).tolist()
+        return result
+
+    def item_rows(self, catalog: str, item_id: str, *, vectors: bool) -> list[Row]:
+        """Every row of the item, object 0 first ([] when the catalogue does not exist)."""
+        try:
+            name = self.collection(catalog, create=False)
+        except CatalogNotFound:
+            return []
+        rows = self._query(name, f"item_id == {self._quote(item_id)}", vectors, MAX_OBJECTS)
         return sorted(rows, key=lambda r: r["object_index"])
 
-    def rows_by_hash(self, content_hash: str, limit: int, *, vectors: bool) -> list[Row]:
+    def rows_by_hash(
+        self, catalog: str, content_hash: str, limit: int, *, vectors: bool
+    ) -> list[Row]:
         """Every row of up to `limit` items with the content hash, grouped by item."""
+        try:
+            name = self.collection(catalog, create=False)
+        except CatalogNotFound:
+            return []
         firsts = self._query(
-            f"content_hash == {self._quote(content_hash)} and object_index == 0", False, limit
+            name, f"content_hash == {self._quote(content_hash)} and object_index == 0", False, limit
         )
         item_ids = sorted({r["item_id"] for r in firsts})
         if not item_ids:
             return []
         ids = ", ".join(self._quote(i) for i in item_ids)
-        rows = self._query(f"item_id in [{ids}]", vectors, MILVUS_MAX_TOPK)
+        rows = self._query(name, f"item_id in [{ids}]", vectors, MILVUS_MAX_TOPK)
         return sorted(rows, key=lambda r: (r["item_id"], r["object_index"]))
 
-    def replace_item(self, item_id: str, rows: list[Row]) -> bool:
+    def replace_item(self, catalog: str, item_id: str, rows: list[Row]) -> bool:
         """Write the item's rows, then drop its rows beyond them; True if it existed before.
 
         Upsert before delete, so a reader never finds the item missing.
         """
         s, client = self.settings, self._require()
-        existed = bool(self._query(f"item_id == {self._quote(item_id)}", False, 1))
+        name = self.collection(catalog, create=True)
+        existed = bool(self._query(name, f"item_id == {self._quote(item_id)}", False, 1))
         with self._errors("upsert"):
-            client.upsert(s.collection, rows, timeout=s.timeout_seconds)
+            client.upsert(name, rows, timeout=s.timeout_seconds)
             client.delete(
-                s.collection,
+                name,
                 filter=f"item_id == {self._quote(item_id)} and object_index >= {len(rows)}",
                 timeout=s.timeout_seconds,
             )
         return existed
 
-    def delete_item(self, item_id: str) -> int:
+    def delete_item(self, catalog: str, item_id: str) -> int:
         """Delete every row of the item; the number of rows it had."""
         s, client = self.settings, self._require()
+        try:
+            name = self.collection(catalog, create=False)
+        except CatalogNotFound:
+            return 0
         expression = f"item_id == {self._quote(item_id)}"
         with self._errors("delete"):
-            rows = self._count(expression)
+            rows = self._count(name, expression)
             if rows:
-                client.delete(s.collection, filter=expression, timeout=s.timeout_seconds)
+                client.delete(name, filter=expression, timeout=s.timeout_seconds)
         return rows
 
     def search(
         self,
-        vector: list[float],
+        catalog: str,
+        vector: np.ndarray,
         limit: int,
         expression: str,
         params: dict[str, Any],
         *,
         vectors: bool,
+        raw: bool = False,
+        distinct_items: bool = False,
     ) -> list[Row]:
-        """The nearest rows by inner product, best first, each with its `score`."""
+        """The nearest rows, best first, each with its `score` (a cosine estimate).
+
+        With `distinct_items`, `limit` counts items: each item's best row only. Milvus has no
+        grouping that milvus-lite and a 2.3 server share, so the search widens until enough
+        items are found or the catalogue runs out.
+        """
+        name = self.collection(catalog, create=False)
+        code = self.code_of(vector)
+        fetch = limit
+        while True:
+            rows = self._search(
+                name, code, min(fetch, MILVUS_MAX_TOPK), expression, params, vectors, raw
+            )
+            if not distinct_items:
+                return rows
+            best: dict[str, Row] = {}
+            for row in rows:
+                best.setdefault(row["item_id"], row)
+            exhausted = len(rows) < min(fetch, MILVUS_MAX_TOPK) or fetch >= MILVUS_MAX_TOPK
+            if len(best) >= limit or exhausted:
+                return list(best.values())[:limit]
+            fetch *= 2
+
+    def _search(
+        self,
+        name: str,
+        code: bytes | list[float],
+        limit: int,
+        expression: str,
+        params: dict[str, Any],
+        vectors: bool,
+        raw: bool,
+    ) -> list[Row]:
         s, client = self.settings, self._require()
+        extra = [VECTOR, RAW] if vectors and raw else [VECTOR] if vectors else []
         with self._errors("search"):
             results = client.search(
-                s.collection,
-                data=[vector],
-                anns_field=VECTOR,
+                name,
+                data=[code],
+                anns_field=CODE,
                 limit=limit,
                 filter=expression,
                 filter_params=params,
-                output_fields=[*FIELDS, VECTOR] if vectors else FIELDS,
-                search_params={"metric_type": "IP", "params": dict(s.search_params)},
+                output_fields=[*FIELDS, *extra],
+                search_params={"metric_type": self._metric(), "params": dict(s.search_params)},
                 consistency_level="Strong",
                 timeout=s.timeout_seconds,
             )
-        return [{**hit["entity"], "score": hit["distance"]} for hit in results[0]]
+        bits = codes.code_bits(s.dim)
+        rows = []
+        for hit in results[0]:
+            row = {**hit["entity"]}
+            if s.candidate_code == "binary":
+                row["score"] = codes.hamming_to_cosine(float(hit["distance"]), bits)
+            else:
+                row["score"] = float(hit["distance"])
+            if raw and vectors and row.get(RAW):
+                row[VECTOR] = row[RAW]
+            row.pop(RAW, None)
+            rows.append(row)
+        return rows
 
-    def count(self) -> int:
+    def whole_image_rows(self, catalog: str) -> list[Row]:
+        """Every whole-image row of the catalogue, with its vectors (the batch job's input)."""
+        s, client = self.settings, self._require()
+        name = self.collection(catalog, create=False)
+        rows: list[Row] = []
+        with self._errors("read catalogue"):
+            iterator = client.query_iterator(
+                name,
+                batch_size=PAGE,
+                filter="object_index == 0",
+                output_fields=["pk", *FIELDS, CODE, VECTOR, RAW],
+                timeout=s.timeout_seconds,
+            )
+            try:
+                while page := iterator.next():
+                    rows.extend(page)
+            finally:
+                iterator.close()
+        return rows
+
+    def write_rows(self, catalog: str, rows: list[Row]) -> None:
+        s, client = self.settings, self._require()
+        name = self.collection(catalog, create=False)
+        with self._errors("upsert"):
+            for start in range(0, len(rows), PAGE):
+                client.upsert(name, rows[start : start + PAGE], timeout=s.timeout_seconds)
+
+    def count(self, catalog: str, expression: str = "") -> int:
+        name = self.collection(catalog, create=False)
         with self._errors("count"):
-            return self._count("")
+            return self._count(name, expression)
 
     # -- helpers -----------------------------------------------------------------------------
 
     def _quote(self, text: str) -> str:
         return quote(text, lite=self.settings.is_lite)
 
-    def _count(self, expression: str) -> int:
+    def _count(self, name: str, expression: str) -> int:
         s = self.settings
         result = self._require().query(
-            s.collection,
+            name,
             filter=expression,
             output_fields=["count(*)"],
             consistency_level="Strong",
@@ -249,12 +437,12 @@ class MilvusStore:
         )
         return int(result[0]["count(*)"])
 
-    def _query(self, expression: str, vectors: bool, limit: int) -> list[Row]:
+    def _query(self, name: str, expression: str, vectors: bool, limit: int) -> list[Row]:
         s, client = self.settings, self._require()
         with self._errors("query"):
             return list(
                 client.query(
-                    s.collection,
+                    name,
                     filter=expression,
                     output_fields=[*FIELDS, VECTOR] if vectors else FIELDS,
                     limit=limit,
@@ -265,9 +453,7 @@ class MilvusStore:
 
     def _require(self) -> MilvusClient:
         if self._client is None:
-            raise StoreUnavailable(
-                f"Milvus at {self.settings.milvus_uri}: the collection is not loaded yet"
-            )
+            raise StoreUnavailable(f"Milvus at {self.settings.milvus_uri}: not connected yet")
         return self._client
 
     @contextmanager

@@ -85,14 +85,16 @@ class Range(_message.Message):
     def __init__(self, gte: _Optional[float] = ..., gt: _Optional[float] = ..., lte: _Optional[float] = ..., lt: _Optional[float] = ...) -> None: ...
 
 class ScoreParts(_message.Message):
-    __slots__ = ("similarity", "popularity", "category")
+    __slots__ = ("similarity", "popularity", "category", "expanded_similarity")
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     POPULARITY_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    EXPANDED_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     similarity: float
     popularity: float
     category: float
-    def __init__(self, similarity: _Optional[float] = ..., popularity: _Optional[float] = ..., category: _Optional[float] = ...) -> None: ...
+    expanded_similarity: float
+    def __init__(self, similarity: _Optional[float] = ..., popularity: _Optional[float] = ..., category: _Optional[float] = ..., expanded_similarity: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("item_id", "score", "object_index", "box", "label", "metadata", "parts")

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IndexRequest(_message.Message):
-    __slots__ = ("item_id", "image", "metadata", "detect", "skip_duplicates")
+    __slots__ = ("item_id", "image", "metadata", "detect", "skip_duplicates", "catalog")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,12 +23,14 @@ class IndexRequest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DETECT_FIELD_NUMBER: _ClassVar[int]
     SKIP_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     image: bytes
     metadata: _containers.MessageMap[str, _common_pb2.Value]
     detect: bool
     skip_duplicates: bool
-    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., detect: _Optional[bool] = ..., skip_duplicates: _Optional[bool] = ...) -> None: ...
+    catalog: str
+    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., detect: _Optional[bool] = ..., skip_duplicates: _Optional[bool] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class Duplicate(_message.Message):
     __slots__ = ("item_id", "kind", "similarity")
@@ -91,10 +93,12 @@ class IndexStreamResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[IndexResult, _Mapping]]] = ..., indexed: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("item_id",)
+    __slots__ = ("item_id", "catalog")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     item_id: str
-    def __init__(self, item_id: _Optional[str] = ...) -> None: ...
+    catalog: str
+    def __init__(self, item_id: _Optional[str] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -103,10 +107,12 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("item_id",)
+    __slots__ = ("item_id", "catalog")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     item_id: str
-    def __init__(self, item_id: _Optional[str] = ...) -> None: ...
+    catalog: str
+    def __init__(self, item_id: _Optional[str] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class ItemObject(_message.Message):
     __slots__ = ("object_index", "box", "label", "score")
@@ -146,7 +152,7 @@ class GetResponse(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[ItemObject, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "item_id", "crop", "top_k", "filter", "objects", "context_metadata")
+    __slots__ = ("image", "item_id", "crop", "top_k", "filter", "objects", "context_metadata", "catalog", "candidates")
     class ContextMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +167,8 @@ class SearchRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     crop: _common_pb2.Box
@@ -168,7 +176,9 @@ class SearchRequest(_message.Message):
     filter: _common_pb2.Filter
     objects: bool
     context_metadata: _containers.MessageMap[str, _common_pb2.Value]
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., crop: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., objects: _Optional[bool] = ..., context_metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ...) -> None: ...
+    catalog: str
+    candidates: int
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., crop: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., objects: _Optional[bool] = ..., context_metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., catalog: _Optional[str] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class ObjectResults(_message.Message):
     __slots__ = ("detection", "results")
@@ -189,3 +199,65 @@ class SearchResponse(_message.Message):
     cached: bool
     model_version: str
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectResults, _Mapping]]] = ..., cached: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Catalog(_message.Message):
+    __slots__ = ("name", "items", "rows", "dimension", "index_type", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_CODE_FIELD_NUMBER: _ClassVar[int]
+    CODE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FULL_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DBA_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    items: int
+    rows: int
+    dimension: int
+    index_type: str
+    candidate_code: str
+    code_bytes: int
+    full_vector_bytes: int
+    dba_neighbours: int
+    def __init__(self, name: _Optional[str] = ..., items: _Optional[int] = ..., rows: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ...) -> None: ...
+
+class ListCatalogsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCatalogsResponse(_message.Message):
+    __slots__ = ("catalogs",)
+    CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    catalogs: _containers.RepeatedCompositeFieldContainer[Catalog]
+    def __init__(self, catalogs: _Optional[_Iterable[_Union[Catalog, _Mapping]]] = ...) -> None: ...
+
+class DropCatalogRequest(_message.Message):
+    __slots__ = ("catalog",)
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    def __init__(self, catalog: _Optional[str] = ...) -> None: ...
+
+class DropCatalogResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
+
+class AugmentCatalogRequest(_message.Message):
+    __slots__ = ("catalog", "neighbours", "alpha")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    neighbours: int
+    alpha: float
+    def __init__(self, catalog: _Optional[str] = ..., neighbours: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class AugmentCatalogResponse(_message.Message):
+    __slots__ = ("items", "seconds")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    items: int
+    seconds: float
+    def __init__(self, items: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -66,6 +66,21 @@ class GatewayStub:
                 request_serializer=loupe_dot_v1_dot_detection__pb2.DetectRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_detection__pb2.DetectResponse.FromString,
                 _registered_method=True)
+        self.ListCatalogs = channel.unary_unary(
+                '/loupe.v1.Gateway/ListCatalogs',
+                request_serializer=loupe_dot_v1_dot_gateway__pb2.ListCatalogsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_gateway__pb2.ListCatalogsResponse.FromString,
+                _registered_method=True)
+        self.DropCatalog = channel.unary_unary(
+                '/loupe.v1.Gateway/DropCatalog',
+                request_serializer=loupe_dot_v1_dot_gateway__pb2.DropCatalogRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_gateway__pb2.DropCatalogResponse.FromString,
+                _registered_method=True)
+        self.AugmentCatalog = channel.unary_unary(
+                '/loupe.v1.Gateway/AugmentCatalog',
+                request_serializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -111,6 +126,26 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCatalogs(self, request, context):
+        """Catalogues: named, separate indexes in one deployment. Index creates one on first use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCatalog(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AugmentCatalog(self, request, context):
+        """Recompute a catalogue's database-side augmentation over all its items (a batch job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +178,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Detect,
                     request_deserializer=loupe_dot_v1_dot_detection__pb2.DetectRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_detection__pb2.DetectResponse.SerializeToString,
+            ),
+            'ListCatalogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCatalogs,
+                    request_deserializer=loupe_dot_v1_dot_gateway__pb2.ListCatalogsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_gateway__pb2.ListCatalogsResponse.SerializeToString,
+            ),
+            'DropCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCatalog,
+                    request_deserializer=loupe_dot_v1_dot_gateway__pb2.DropCatalogRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_gateway__pb2.DropCatalogResponse.SerializeToString,
+            ),
+            'AugmentCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.AugmentCatalog,
+                    request_deserializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +358,87 @@ class Gateway:
             '/loupe.v1.Gateway/Detect',
             loupe_dot_v1_dot_detection__pb2.DetectRequest.SerializeToString,
             loupe_dot_v1_dot_detection__pb2.DetectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCatalogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Gateway/ListCatalogs',
+            loupe_dot_v1_dot_gateway__pb2.ListCatalogsRequest.SerializeToString,
+            loupe_dot_v1_dot_gateway__pb2.ListCatalogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Gateway/DropCatalog',
+            loupe_dot_v1_dot_gateway__pb2.DropCatalogRequest.SerializeToString,
+            loupe_dot_v1_dot_gateway__pb2.DropCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AugmentCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Gateway/AugmentCatalog',
+            loupe_dot_v1_dot_gateway__pb2.AugmentCatalogRequest.SerializeToString,
+            loupe_dot_v1_dot_gateway__pb2.AugmentCatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,

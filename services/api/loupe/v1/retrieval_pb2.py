@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/retrieval.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\"\x8a\x01\n\x0cStoredObject\x12\x14\n\x0cobject_index\x18\x01 \x01(\x05\x12\x1a\n\x03\x62ox\x18\x02 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05label\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65tection_score\x18\x04 \x01(\x02\x12 \n\x06vector\x18\x05 \x01(\x0b\x32\x10.loupe.v1.Vector\"\x96\x02\n\nStoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x34\n\x08metadata\x18\x04 \x03(\x0b\x32\".loupe.v1.StoredItem.MetadataEntry\x12\x13\n\x0bimage_width\x18\x05 \x01(\x05\x12\x14\n\x0cimage_height\x18\x06 \x01(\x05\x12\'\n\x07objects\x18\x07 \x03(\x0b\x32\x16.loupe.v1.StoredObject\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"3\n\rUpsertRequest\x12\"\n\x04item\x18\x01 \x01(\x0b\x32\x14.loupe.v1.StoredItem\"0\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x10\n\x08replaced\x18\x02 \x01(\x08\"$\n\x11\x44\x65leteItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"*\n\x12\x44\x65leteItemResponse\x12\x14\n\x0crows_deleted\x18\x01 \x01(\x05\"i\n\rLookupRequest\x12\x11\n\x07item_id\x18\x01 \x01(\tH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\r\n\x05limit\x18\x04 \x01(\x05\x42\x05\n\x03key\"5\n\x0eLookupResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.loupe.v1.StoredItem\"\xb8\x01\n\x16RetrievalSearchRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Vector\x12\r\n\x05limit\x18\x02 \x01(\x05\x12 \n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x10.loupe.v1.Filter\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x05 \x01(\x08\x12\x19\n\x11whole_images_only\x18\x06 \x01(\x08\"\x89\x02\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0cobject_index\x18\x02 \x01(\x05\x12\x1a\n\x03\x62ox\x18\x03 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05label\x18\x04 \x01(\t\x12\x11\n\tann_score\x18\x05 \x01(\x02\x12 \n\x06vector\x18\x06 \x01(\x0b\x32\x10.loupe.v1.Vector\x12\x33\n\x08metadata\x18\x07 \x03(\x0b\x32!.loupe.v1.Candidate.MetadataEntry\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"B\n\x17RetrievalSearchResponse\x12\'\n\ncandidates\x18\x01 \x03(\x0b\x32\x13.loupe.v1.Candidate\"\x0e\n\x0cStatsRequest\"n\n\rStatsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x14\n\x0c\x65xact_scores\x18\x05 \x01(\x08\x32\xda\x02\n\x10RetrievalService\x12;\n\x06Upsert\x12\x17.loupe.v1.UpsertRequest\x1a\x18.loupe.v1.UpsertResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.loupe.v1.DeleteItemRequest\x1a\x1c.loupe.v1.DeleteItemResponse\x12;\n\x06Lookup\x12\x17.loupe.v1.LookupRequest\x1a\x18.loupe.v1.LookupResponse\x12M\n\x06Search\x12 .loupe.v1.RetrievalSearchRequest\x1a!.loupe.v1.RetrievalSearchResponse\x12\x38\n\x05Stats\x12\x16.loupe.v1.StatsRequest\x1a\x17.loupe.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/retrieval.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\"\x8a\x01\n\x0cStoredObject\x12\x14\n\x0cobject_index\x18\x01 \x01(\x05\x12\x1a\n\x03\x62ox\x18\x02 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05label\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65tection_score\x18\x04 \x01(\x02\x12 \n\x06vector\x18\x05 \x01(\x0b\x32\x10.loupe.v1.Vector\"\x96\x02\n\nStoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x34\n\x08metadata\x18\x04 \x03(\x0b\x32\".loupe.v1.StoredItem.MetadataEntry\x12\x13\n\x0bimage_width\x18\x05 \x01(\x05\x12\x14\n\x0cimage_height\x18\x06 \x01(\x05\x12\'\n\x07objects\x18\x07 \x03(\x0b\x32\x16.loupe.v1.StoredObject\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"D\n\rUpsertRequest\x12\"\n\x04item\x18\x01 \x01(\x0b\x32\x14.loupe.v1.StoredItem\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\"0\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x10\n\x08replaced\x18\x02 \x01(\x08\"5\n\x11\x44\x65leteItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\"*\n\x12\x44\x65leteItemResponse\x12\x14\n\x0crows_deleted\x18\x01 \x01(\x05\"z\n\rLookupRequest\x12\x11\n\x07item_id\x18\x01 \x01(\tH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x0f\n\x07\x63\x61talog\x18\x05 \x01(\tB\x05\n\x03key\"5\n\x0eLookupResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.loupe.v1.StoredItem\"\xf6\x01\n\x16RetrievalSearchRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Vector\x12\r\n\x05limit\x18\x02 \x01(\x05\x12 \n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x10.loupe.v1.Filter\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x05 \x01(\x08\x12\x19\n\x11whole_images_only\x18\x06 \x01(\x08\x12\x0f\n\x07\x63\x61talog\x18\x07 \x01(\t\x12\x16\n\x0e\x64istinct_items\x18\x08 \x01(\x08\x12\x13\n\x0braw_vectors\x18\t \x01(\x08\"\x89\x02\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0cobject_index\x18\x02 \x01(\x05\x12\x1a\n\x03\x62ox\x18\x03 \x01(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05label\x18\x04 \x01(\t\x12\x11\n\tann_score\x18\x05 \x01(\x02\x12 \n\x06vector\x18\x06 \x01(\x0b\x32\x10.loupe.v1.Vector\x12\x33\n\x08metadata\x18\x07 \x03(\x0b\x32!.loupe.v1.Candidate.MetadataEntry\x1a@\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"B\n\x17RetrievalSearchResponse\x12\'\n\ncandidates\x18\x01 \x03(\x0b\x32\x13.loupe.v1.Candidate\"\x1f\n\x0cStatsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\"\xed\x01\n\rStatsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x14\n\x0c\x65xact_scores\x18\x05 \x01(\x08\x12\x0f\n\x07\x63\x61talog\x18\x06 \x01(\t\x12\r\n\x05items\x18\x07 \x01(\x03\x12\x16\n\x0e\x63\x61ndidate_code\x18\x08 \x01(\t\x12\x12\n\ncode_bytes\x18\t \x01(\x05\x12\x19\n\x11\x66ull_vector_bytes\x18\n \x01(\x05\x12\x16\n\x0e\x64\x62\x61_neighbours\x18\x0b \x01(\x05\"\x1e\n\x1cRetrievalListCatalogsRequest\"J\n\x1dRetrievalListCatalogsResponse\x12)\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x17.loupe.v1.StatsResponse\".\n\x1bRetrievalDropCatalogRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\"/\n\x1cRetrievalDropCatalogResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"D\n\x0e\x41ugmentRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x12\n\nneighbours\x18\x02 \x01(\x05\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\"1\n\x0f\x41ugmentResponse\x12\r\n\x05items\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x32\xd9\x04\n\x10RetrievalService\x12;\n\x06Upsert\x12\x17.loupe.v1.UpsertRequest\x1a\x18.loupe.v1.UpsertResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.loupe.v1.DeleteItemRequest\x1a\x1c.loupe.v1.DeleteItemResponse\x12;\n\x06Lookup\x12\x17.loupe.v1.LookupRequest\x1a\x18.loupe.v1.LookupResponse\x12M\n\x06Search\x12 .loupe.v1.RetrievalSearchRequest\x1a!.loupe.v1.RetrievalSearchResponse\x12\x38\n\x05Stats\x12\x16.loupe.v1.StatsRequest\x1a\x17.loupe.v1.StatsResponse\x12_\n\x0cListCatalogs\x12&.loupe.v1.RetrievalListCatalogsRequest\x1a\'.loupe.v1.RetrievalListCatalogsResponse\x12\\\n\x0b\x44ropCatalog\x12%.loupe.v1.RetrievalDropCatalogRequest\x1a&.loupe.v1.RetrievalDropCatalogResponse\x12>\n\x07\x41ugment\x12\x18.loupe.v1.AugmentRequest\x1a\x19.loupe.v1.AugmentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,29 +43,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREDITEM_METADATAENTRY']._serialized_start=417
   _globals['_STOREDITEM_METADATAENTRY']._serialized_end=481
   _globals['_UPSERTREQUEST']._serialized_start=483
-  _globals['_UPSERTREQUEST']._serialized_end=534
-  _globals['_UPSERTRESPONSE']._serialized_start=536
-  _globals['_UPSERTRESPONSE']._serialized_end=584
-  _globals['_DELETEITEMREQUEST']._serialized_start=586
-  _globals['_DELETEITEMREQUEST']._serialized_end=622
-  _globals['_DELETEITEMRESPONSE']._serialized_start=624
-  _globals['_DELETEITEMRESPONSE']._serialized_end=666
-  _globals['_LOOKUPREQUEST']._serialized_start=668
-  _globals['_LOOKUPREQUEST']._serialized_end=773
-  _globals['_LOOKUPRESPONSE']._serialized_start=775
-  _globals['_LOOKUPRESPONSE']._serialized_end=828
-  _globals['_RETRIEVALSEARCHREQUEST']._serialized_start=831
-  _globals['_RETRIEVALSEARCHREQUEST']._serialized_end=1015
-  _globals['_CANDIDATE']._serialized_start=1018
-  _globals['_CANDIDATE']._serialized_end=1283
+  _globals['_UPSERTREQUEST']._serialized_end=551
+  _globals['_UPSERTRESPONSE']._serialized_start=553
+  _globals['_UPSERTRESPONSE']._serialized_end=601
+  _globals['_DELETEITEMREQUEST']._serialized_start=603
+  _globals['_DELETEITEMREQUEST']._serialized_end=656
+  _globals['_DELETEITEMRESPONSE']._serialized_start=658
+  _globals['_DELETEITEMRESPONSE']._serialized_end=700
+  _globals['_LOOKUPREQUEST']._serialized_start=702
+  _globals['_LOOKUPREQUEST']._serialized_end=824
+  _globals['_LOOKUPRESPONSE']._serialized_start=826
+  _globals['_LOOKUPRESPONSE']._serialized_end=879
+  _globals['_RETRIEVALSEARCHREQUEST']._serialized_start=882
+  _globals['_RETRIEVALSEARCHREQUEST']._serialized_end=1128
+  _globals['_CANDIDATE']._serialized_start=1131
+  _globals['_CANDIDATE']._serialized_end=1396
   _globals['_CANDIDATE_METADATAENTRY']._serialized_start=417
   _globals['_CANDIDATE_METADATAENTRY']._serialized_end=481
-  _globals['_RETRIEVALSEARCHRESPONSE']._serialized_start=1285
-  _globals['_RETRIEVALSEARCHRESPONSE']._serialized_end=1351
-  _globals['_STATSREQUEST']._serialized_start=1353
-  _globals['_STATSREQUEST']._serialized_end=1367
-  _globals['_STATSRESPONSE']._serialized_start=1369
-  _globals['_STATSRESPONSE']._serialized_end=1479
-  _globals['_RETRIEVALSERVICE']._serialized_start=1482
-  _globals['_RETRIEVALSERVICE']._serialized_end=1828
+  _globals['_RETRIEVALSEARCHRESPONSE']._serialized_start=1398
+  _globals['_RETRIEVALSEARCHRESPONSE']._serialized_end=1464
+  _globals['_STATSREQUEST']._serialized_start=1466
+  _globals['_STATSREQUEST']._serialized_end=1497
+  _globals['_STATSRESPONSE']._serialized_start=1500
+  _globals['_STATSRESPONSE']._serialized_end=1737
+  _globals['_RETRIEVALLISTCATALOGSREQUEST']._serialized_start=1739
+  _globals['_RETRIEVALLISTCATALOGSREQUEST']._serialized_end=1769
+  _globals['_RETRIEVALLISTCATALOGSRESPONSE']._serialized_start=1771
+  _globals['_RETRIEVALLISTCATALOGSRESPONSE']._serialized_end=1845
+  _globals['_RETRIEVALDROPCATALOGREQUEST']._serialized_start=1847
+  _globals['_RETRIEVALDROPCATALOGREQUEST']._serialized_end=1893
+  _globals['_RETRIEVALDROPCATALOGRESPONSE']._serialized_start=1895
+  _globals['_RETRIEVALDROPCATALOGRESPONSE']._serialized_end=1942
+  _globals['_AUGMENTREQUEST']._serialized_start=1944
+  _globals['_AUGMENTREQUEST']._serialized_end=2012
+  _globals['_AUGMENTRESPONSE']._serialized_start=2014
+  _globals['_AUGMENTRESPONSE']._serialized_end=2063
+  _globals['_RETRIEVALSERVICE']._serialized_start=2066
+  _globals['_RETRIEVALSERVICE']._serialized_end=2667
 # @@protoc_insertion_point(module_scope)

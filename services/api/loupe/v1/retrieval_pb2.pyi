@@ -47,10 +47,12 @@ class StoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[StoredObject, _Mapping]]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("item",)
+    __slots__ = ("item", "catalog")
     ITEM_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     item: StoredItem
-    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ...) -> None: ...
+    catalog: str
+    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("rows", "replaced")
@@ -61,10 +63,12 @@ class UpsertResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
 
 class DeleteItemRequest(_message.Message):
-    __slots__ = ("item_id",)
+    __slots__ = ("item_id", "catalog")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     item_id: str
-    def __init__(self, item_id: _Optional[str] = ...) -> None: ...
+    catalog: str
+    def __init__(self, item_id: _Optional[str] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class DeleteItemResponse(_message.Message):
     __slots__ = ("rows_deleted",)
@@ -73,16 +77,18 @@ class DeleteItemResponse(_message.Message):
     def __init__(self, rows_deleted: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("item_id", "content_hash", "include_vectors", "limit")
+    __slots__ = ("item_id", "content_hash", "include_vectors", "limit", "catalog")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     content_hash: str
     include_vectors: bool
     limit: int
-    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., include_vectors: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+    catalog: str
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., include_vectors: _Optional[bool] = ..., limit: _Optional[int] = ..., catalog: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("items",)
@@ -91,20 +97,26 @@ class LookupResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[StoredItem, _Mapping]]] = ...) -> None: ...
 
 class RetrievalSearchRequest(_message.Message):
-    __slots__ = ("query", "limit", "filter", "exclude_item_ids", "include_vectors", "whole_images_only")
+    __slots__ = ("query", "limit", "filter", "exclude_item_ids", "include_vectors", "whole_images_only", "catalog", "distinct_items", "raw_vectors")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     WHOLE_IMAGES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RAW_VECTORS_FIELD_NUMBER: _ClassVar[int]
     query: _common_pb2.Vector
     limit: int
     filter: _common_pb2.Filter
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     include_vectors: bool
     whole_images_only: bool
-    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., limit: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ..., whole_images_only: _Optional[bool] = ...) -> None: ...
+    catalog: str
+    distinct_items: bool
+    raw_vectors: bool
+    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., limit: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ..., whole_images_only: _Optional[bool] = ..., catalog: _Optional[str] = ..., distinct_items: _Optional[bool] = ..., raw_vectors: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "object_index", "box", "label", "ann_score", "vector", "metadata")
@@ -138,19 +150,73 @@ class RetrievalSearchResponse(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("catalog",)
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    def __init__(self, catalog: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores")
+    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores", "catalog", "items", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     EXACT_SCORES_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_CODE_FIELD_NUMBER: _ClassVar[int]
+    CODE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FULL_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DBA_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     collection: str
     dimension: int
     index_type: str
     exact_scores: bool
-    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ...) -> None: ...
+    catalog: str
+    items: int
+    candidate_code: str
+    code_bytes: int
+    full_vector_bytes: int
+    dba_neighbours: int
+    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ..., catalog: _Optional[str] = ..., items: _Optional[int] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ...) -> None: ...
+
+class RetrievalListCatalogsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RetrievalListCatalogsResponse(_message.Message):
+    __slots__ = ("catalogs",)
+    CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    catalogs: _containers.RepeatedCompositeFieldContainer[StatsResponse]
+    def __init__(self, catalogs: _Optional[_Iterable[_Union[StatsResponse, _Mapping]]] = ...) -> None: ...
+
+class RetrievalDropCatalogRequest(_message.Message):
+    __slots__ = ("catalog",)
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    def __init__(self, catalog: _Optional[str] = ...) -> None: ...
+
+class RetrievalDropCatalogResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
+
+class AugmentRequest(_message.Message):
+    __slots__ = ("catalog", "neighbours", "alpha")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    neighbours: int
+    alpha: float
+    def __init__(self, catalog: _Optional[str] = ..., neighbours: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class AugmentResponse(_message.Message):
+    __slots__ = ("items", "seconds")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    items: int
+    seconds: float
+    def __init__(self, items: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

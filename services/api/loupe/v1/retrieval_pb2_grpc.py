@@ -60,6 +60,21 @@ class RetrievalServiceStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.StatsRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ListCatalogs = channel.unary_unary(
+                '/loupe.v1.RetrievalService/ListCatalogs',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalListCatalogsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalListCatalogsResponse.FromString,
+                _registered_method=True)
+        self.DropCatalog = channel.unary_unary(
+                '/loupe.v1.RetrievalService/DropCatalog',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalDropCatalogRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalDropCatalogResponse.FromString,
+                _registered_method=True)
+        self.Augment = channel.unary_unary(
+                '/loupe.v1.RetrievalService/Augment',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.AugmentRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.AugmentResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -100,6 +115,27 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCatalogs(self, request, context):
+        """Catalogues: one Milvus collection each, created by the first Upsert into them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCatalog(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Augment(self, request, context):
+        """Database-side augmentation as a batch job: recompute every whole-image vector of the
+        catalogue from the vectors as embedded and their nearest neighbours.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +163,21 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.StatsRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.StatsResponse.SerializeToString,
+            ),
+            'ListCatalogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCatalogs,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalListCatalogsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalListCatalogsResponse.SerializeToString,
+            ),
+            'DropCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCatalog,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalDropCatalogRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.RetrievalDropCatalogResponse.SerializeToString,
+            ),
+            'Augment': grpc.unary_unary_rpc_method_handler(
+                    servicer.Augment,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.AugmentRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.AugmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +316,87 @@ class RetrievalService:
             '/loupe.v1.RetrievalService/Stats',
             loupe_dot_v1_dot_retrieval__pb2.StatsRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCatalogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/ListCatalogs',
+            loupe_dot_v1_dot_retrieval__pb2.RetrievalListCatalogsRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.RetrievalListCatalogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/DropCatalog',
+            loupe_dot_v1_dot_retrieval__pb2.RetrievalDropCatalogRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.RetrievalDropCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Augment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/Augment',
+            loupe_dot_v1_dot_retrieval__pb2.AugmentRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.AugmentResponse.FromString,
             options,
             channel_credentials,
             insecure,
