@@ -14,7 +14,7 @@ from tests.support import serving
 
 @pytest.fixture(scope="module")
 def stub():
-    settings = RankingSettings("popularity", 0.05, 1000.0, "category", 0.05)
+    settings = RankingSettings("popularity", 0.05, 1000.0, "category", 0.05, 0, 3.0)
     with serving(RankingService(settings)) as channel:
         yield ranking_pb2_grpc.RankingServiceStub(channel)
 

@@ -25,7 +25,8 @@ from services.retrieval.service import RetrievalService
 from services.retrieval.settings import RetrievalSettings
 from tests.support import serving
 
-DIM = 8
+# Enough bits that random vectors' binary codes do not collide.
+DIM = 64
 SERVER_URI = os.environ.get("LOUPE_TEST_MILVUS_URI", "")
 HOSTILE = [
     'x" or item_id != "',
@@ -42,7 +43,7 @@ HOSTILE = [
 rng = np.random.default_rng(7)
 
 
-def settings_for(data_dir: Path, collection: str = "loupe_items") -> RetrievalSettings:
+def settings_for(data_dir: Path, code: str = "binary", dba: int = 0) -> RetrievalSettings:
     defaults = RetrievalSettings.from_env()
     return dataclasses.replace(
         defaults,
@@ -50,11 +51,14 @@ def settings_for(data_dir: Path, collection: str = "loupe_items") -> RetrievalSe
         milvus_uri=SERVER_URI or str(data_dir / "milvus.db"),
         milvus_token="",
         db_name="",
-        collection=f"test_{uuid.uuid4().hex}" if SERVER_URI else collection,
+        collection_prefix=f"test_{uuid.uuid4().hex}" if SERVER_URI else "loupe",
         dim=DIM,
-        index_type="FLAT",
+        candidate_code=code,
+        index_type="BIN_FLAT" if code == "binary" else "FLAT",
         index_params={},
         search_params={},
+        dba_neighbours=dba,
+        dba_alpha=0.0,
     )
 
 
@@ -63,15 +67,18 @@ def drop(settings: RetrievalSettings) -> None:
         from pymilvus import MilvusClient
 
         client = MilvusClient(uri=SERVER_URI)
-        client.drop_collection(settings.collection)
+        for name in client.list_collections():
+            if name.startswith(settings.collection_prefix):
+                client.drop_collection(name)
         client.close()
 
 
-@pytest.fixture(scope="module")
+# Every test runs with binary codes in the index (the default) and with the float vectors.
+@pytest.fixture(scope="module", params=["binary", "float"])
 def stub(
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[retrieval_pb2_grpc.RetrievalServiceStub]:
-    settings = settings_for(tmp_path_factory.mktemp("retrieval"))
+    settings = settings_for(tmp_path_factory.mktemp("retrieval"), request.param)
     with serving(RetrievalService(settings)) as channel:
         yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
     drop(settings)
@@ -247,7 +254,7 @@ def test_whole_images_only(stub) -> None:
         (
             "Search",
             r.RetrievalSearchRequest(query=c.Vector(values=[1.0] * 3), limit=5),
-            "expected 8",
+            f"expected {DIM}",
         ),
         ("Search", r.RetrievalSearchRequest(query=c.Vector(values=[1.0] * DIM)), "limit=0"),
         (
@@ -261,6 +268,8 @@ def test_whole_images_only(stub) -> None:
         ),
         ("Upsert", r.UpsertRequest(item=r.StoredItem(item_id="x")), "object indexes"),
         ("Delete", r.DeleteItemRequest(), "item_id is empty"),
+        ("Delete", r.DeleteItemRequest(item_id="x", catalog="Shoes"), "catalog 'Shoes'"),
+        ("Upsert", r.UpsertRequest(item=r.StoredItem(item_id="x"), catalog="a-b"), "catalog"),
         ("Lookup", r.LookupRequest(), "set item_id or content_hash"),
     ],
 )
@@ -278,7 +287,7 @@ def test_upsert_validates_vectors_and_metadata(stub) -> None:
     not_finite.objects[0].vector.values[0] = float("nan")
     bad_key = item("bad", metadata={"bad key": c.Value(number_value=1)})
     for stored, message in [
-        (wrong_dim, "9 values; expected 8"),
+        (wrong_dim, f"{DIM + 1} values; expected {DIM}"),
         (not_finite, "finite"),
         (bad_key, "not a name"),
         (item("x" * 513), "513 characters"),
@@ -304,11 +313,66 @@ def test_longest_item_id_in_any_script(stub) -> None:
 def test_stats(stub) -> None:
     stub.Upsert(r.UpsertRequest(item=item("stats", objects=2)))
     stats = stub.Stats(r.StatsRequest())
-    assert stats.rows >= 2
-    assert (stats.dimension, stats.index_type) == (DIM, "FLAT")
-    assert stats.collection
-    # FLAT scores with the raw vectors: nothing to gain from re-scoring them.
-    assert stats.exact_scores
+    assert stats.rows >= 2 and stats.items >= 1 and stats.catalog == "default"
+    assert stats.dimension == DIM and stats.full_vector_bytes == 4 * DIM
+    assert stats.collection.endswith("__default")
+    if stats.candidate_code == "binary":
+        # One bit per dimension: 1/32 of the float32 vector; scores are estimates.
+        assert (stats.index_type, stats.code_bytes, stats.exact_scores) == ("BIN_FLAT", 8, False)
+    else:
+        # FLAT scores with the raw vectors: nothing to gain from re-scoring them.
+        assert (stats.index_type, stats.code_bytes, stats.exact_scores) == ("FLAT", 4 * DIM, True)
+
+
+def test_catalogues_are_separate(stub) -> None:
+    stored = item("cat-1", objects=2)
+    assert stub.Upsert(r.UpsertRequest(item=stored, catalog="shoes")).rows == 2
+    in_shoes = search(stub, stored.objects[0].vector, catalog="shoes")
+    assert [x.item_id for x in in_shoes][:1] == ["cat-1"]
+    assert "cat-1" not in {x.item_id for x in search(stub, stored.objects[0].vector)}
+    assert lookup(stub, "cat-1") == []
+    assert stub.Lookup(r.LookupRequest(item_id="cat-1", catalog="shoes")).items
+    names = {x.catalog: x for x in stub.ListCatalogs(r.RetrievalListCatalogsRequest()).catalogs}
+    assert {"default", "shoes"} <= set(names) and names["shoes"].items == 1
+    assert stub.Stats(r.StatsRequest(catalog="shoes")).rows == 2
+
+    assert stub.DropCatalog(r.RetrievalDropCatalogRequest(catalog="shoes")).dropped
+    assert not stub.DropCatalog(r.RetrievalDropCatalogRequest(catalog="shoes")).dropped
+    with pytest.raises(grpc.RpcError) as error:
+        search(stub, stored.objects[0].vector, catalog="shoes")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "catalog 'shoes' does not exist" in error.value.details()
+    # Reads of a missing catalogue find nothing; deletes delete nothing.
+    assert stub.Lookup(r.LookupRequest(item_id="cat-1", catalog="shoes")).items == []
+    assert stub.Delete(r.DeleteItemRequest(item_id="cat-1", catalog="shoes")).rows_deleted == 0
+
+
+def test_distinct_items_keeps_one_row_per_item(stub) -> None:
+    """An item with many objects near the query must not crowd the others out."""
+    query = np.asarray(vector().values)
+    crowd = r.StoredItem(
+        item_id="crowd", content_hash="h", model_version="m", metadata=suite("crowd")
+    )
+    for index in range(8):
+        near = query + 0.01 * rng.standard_normal(DIM)
+        crowd.objects.add(
+            object_index=index,
+            vector=c.Vector(values=near.tolist()),
+            box=c.Box(x0=0, y0=0, x1=9, y1=9) if index else None,
+        )
+    stub.Upsert(r.UpsertRequest(item=crowd))
+    for k in range(3):
+        stub.Upsert(r.UpsertRequest(item=item(f"crowd-other-{k}", metadata=suite("crowd"))))
+    q = c.Vector(values=query.tolist())
+    rows = search(stub, q, limit=4, filter=only("crowd"))
+    assert {x.item_id for x in rows} == {"crowd"}
+    distinct = search(stub, q, limit=4, filter=only("crowd"), distinct_items=True)
+    assert sorted(x.item_id for x in distinct) == [
+        "crowd",
+        "crowd-other-0",
+        "crowd-other-1",
+        "crowd-other-2",
+    ]
 
 
 def test_restart_keeps_data(tmp_path: Path) -> None:
@@ -331,7 +395,7 @@ def test_another_dimension_stops_start_up(tmp_path: Path) -> None:
     with serving(RetrievalService(settings)):
         pass
     service = RetrievalService(dataclasses.replace(settings, dim=DIM * 2))
-    with pytest.raises(ConfigError, match="has vector dimension 8, but LOUPE_EMBEDDING_DIM=16"):
+    with pytest.raises(ConfigError, match=f"not made by this configuration.*DIM={DIM * 2}"):
         asyncio.run(service.start())
     asyncio.run(service.close())
     drop(settings)
@@ -351,3 +415,38 @@ def test_milvus_failure_is_unavailable_and_names_the_uri(tmp_path: Path) -> None
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert settings.milvus_uri in error.value.details()
     assert "secret-token" not in error.value.details()
+
+
+def test_database_side_augmentation(tmp_path: Path) -> None:
+    """With DBA k=1 and alpha 0, a new item's stored vector is the mean of its own and its
+    nearest neighbour's; duplicate detection still sees the vector as embedded; the batch
+    job makes it symmetric."""
+    settings = settings_for(tmp_path, dba=1)
+    a, b = item("dba-a"), item("dba-b")
+    va, vb = (np.asarray(x.objects[0].vector.values) for x in (a, b))
+
+    def unit(v: np.ndarray) -> list[float]:
+        return (v / np.linalg.norm(v)).tolist()
+
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        stub.Upsert(r.UpsertRequest(item=a))  # nothing to augment with yet
+        stub.Upsert(r.UpsertRequest(item=b))
+        stored = {i: lookup(stub, i, include_vectors=True)[0] for i in ("dba-a", "dba-b")}
+        assert list(stored["dba-a"].objects[0].vector.values) == pytest.approx(unit(va), abs=1e-6)
+        assert list(stored["dba-b"].objects[0].vector.values) == pytest.approx(
+            unit(va + vb), abs=1e-6
+        )
+        raw = search(stub, a.objects[0].vector, include_vectors=True, raw_vectors=True)
+        by_id = {x.item_id: list(x.vector.values) for x in raw}
+        assert by_id["dba-b"] == pytest.approx(unit(vb), abs=1e-6)
+
+        reply = stub.Augment(r.AugmentRequest())
+        assert reply.items == 2
+        (after,) = lookup(stub, "dba-a", include_vectors=True)
+        assert list(after.objects[0].vector.values) == pytest.approx(unit(va + vb), abs=1e-6)
+        # The batch job starts from the vectors as embedded: running it again changes nothing.
+        stub.Augment(r.AugmentRequest())
+        (again,) = lookup(stub, "dba-b", include_vectors=True)
+        assert list(again.objects[0].vector.values) == pytest.approx(unit(va + vb), abs=1e-6)
+    drop(settings)

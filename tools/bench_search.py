@@ -6,7 +6,7 @@
 One query at a time: image queries through the gateway once (decode, embed, search); then for
 each top_k, searches by item id (no embedding: retrieval and ranking only), the same again
 from the result cache, and the retrieval step alone fetching the gateway's K' candidates
-without and with their stored vectors (what re-scoring would need). Prints medians and p95 in
+without and with their full-precision vectors (what ranking re-scores with). Prints medians and p95 in
 milliseconds.
 """
 
@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--gateway")
     parser.add_argument("--retrieval", default="127.0.0.1:50054")
     parser.add_argument(
-        "--min-candidates", type=int, default=100, help="LOUPE_GATEWAY_MIN_CANDIDATES"
+        "--min-candidates", type=int, default=200, help="LOUPE_GATEWAY_MIN_CANDIDATES"
     )
     args = parser.parse_args()
 
@@ -94,7 +94,7 @@ def main() -> int:
             ("gateway Search, item query", gateway.Search, by_item),
             ("gateway Search, same again (result cache)", gateway.Search, by_item),
             (f"retrieval Search, {limit} candidates", retrieval.Search, fetches),
-            ("  same, with vectors (baseline)", retrieval.Search, with_vectors),
+            ("  same, with vectors (what the gateway asks)", retrieval.Search, with_vectors),
         ]
         for name, method, requests in rows:
             median, p95 = timed(method, requests)

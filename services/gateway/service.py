@@ -339,7 +339,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             for _, vector in object_queries
         ]
         results = await asyncio.gather(*searches)
-        response.results.extend(results[0])
+        whole_results = results[0]
+        if query == "image" and whole:
+            whole_results = await self._same_bytes_first(
+                whole_results, image_hash, catalog, context
+            )
+        response.results.extend(whole_results)
         for (detection, _), hits in zip(object_queries, results[1:], strict=True):
             response.objects.add(detection=detection, results=hits)
 
@@ -583,6 +588,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
         near.sort(key=lambda d: -d.similarity)
         return duplicates + near, unchanged
+
+    async def _same_bytes_first(
+        self,
+        hits: list[common_pb2.Hit],
+        image_hash: str,
+        catalog: str,
+        context: grpc.aio.ServicerContext,
+    ) -> list[common_pb2.Hit]:
+        """Items stored with the query's very bytes first. Query expansion and DBA rank by
+        neighbourhoods, which can put a close sibling above the image itself; a caller who
+        searches with a catalogue's own photo expects that photo first."""
+        with stage("lookup"):
+            same = await self.backends.call(
+                "retrieval",
+                self.backends.retrieval.Lookup,
+                retrieval_pb2.LookupRequest(content_hash=image_hash, limit=10, catalog=catalog),
+                context,
+            )
+        exact = {item.item_id for item in same.items}
+        if not exact:
+            return hits
+        return [h for h in hits if h.item_id in exact] + [h for h in hits if h.item_id not in exact]
 
     async def _nearest_in_new_catalog_too(
         self, request: retrieval_pb2.RetrievalSearchRequest, context: grpc.aio.ServicerContext

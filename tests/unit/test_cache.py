@@ -101,9 +101,11 @@ def test_cache_round_trip_and_survives_redis_dying(redis_server) -> None:
 
     async def scenario() -> None:
         cache = Cache(f"redis://127.0.0.1:{port}/0", "", 0.2, 0.0, 60, 60)
-        assert await cache.generation() == 0
-        await cache.bump_generation()
-        assert await cache.generation() == 1
+        assert await cache.generation("default") == 0
+        await cache.bump_generation("default")
+        assert await cache.generation("default") == 1
+        # Catalogues keep separate generations: a write to one keeps the other's results.
+        assert await cache.generation("other") == 0
         await cache.set_search("k", b"v")
         assert await cache.get_search("k") == b"v"
         await cache.set_embedding("e", b"vec")
@@ -114,9 +116,9 @@ def test_cache_round_trip_and_survives_redis_dying(redis_server) -> None:
         before = errors()
         # Every operation degrades to "no cache" instead of raising.
         assert await cache.get_search("k") is None
-        assert await cache.generation() is None
+        assert await cache.generation("default") is None
         await cache.set_search("k", b"v")
-        await cache.bump_generation()
+        await cache.bump_generation("default")
         assert errors() >= before + 4
         await cache.close()
 
@@ -145,7 +147,7 @@ def test_no_url_means_no_cache() -> None:
     async def scenario() -> None:
         cache = Cache("", "", 0.1, 1.0, 60, 60)
         assert not cache.enabled
-        assert await cache.generation() is None
+        assert await cache.generation("default") is None
         assert await cache.get_embedding("x") is None
 
     asyncio.run(scenario())

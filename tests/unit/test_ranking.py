@@ -12,8 +12,12 @@ from services.ranking.settings import RankingSettings
 QUERY = [1.0, 0.0, 0.0]
 
 
-def ranker(popularity: float = 0.0, category: float = 0.0, scale: float = 1000.0) -> RankingService:
-    return RankingService(RankingSettings("popularity", popularity, scale, "category", category))
+def ranker(
+    popularity: float = 0.0, category: float = 0.0, scale: float = 1000.0, qe: int = 0
+) -> RankingService:
+    return RankingService(
+        RankingSettings("popularity", popularity, scale, "category", category, qe, 3.0)
+    )
 
 
 def candidate(
@@ -191,3 +195,35 @@ def test_as_array_with_unknown_fields_takes_the_slow_path() -> None:
     vector = c.Vector.FromString(data)
     assert as_array(vector).tolist() == [1.5, -2.0]
     assert as_array(c.Vector()).tolist() == []
+
+
+def test_query_expansion_reorders_by_the_best_neighbours() -> None:
+    # C resembles the best hit A more than the query does; D resembles only the query.
+    candidates = [
+        candidate("a", [0.8, 0.6, 0.0]),
+        candidate("c", [0.5, 0.866, 0.0]),
+        candidate("d", [0.55, 0.0, 0.835]),
+    ]
+    request = ranking_pb2.RankRequest(query=c.Vector(values=QUERY), candidates=candidates, top_k=3)
+    plain = ranker().rank(request)
+    assert [h.item_id for h in plain] == ["a", "d", "c"]
+    assert all(h.parts.expanded_similarity == 0.0 for h in plain)
+    service = ranker(qe=1)
+    # alpha 0: the neighbour counts fully, q' = normalise(q + a).
+    service.settings = RankingSettings("popularity", 0.0, 1000.0, "category", 0.0, 1, 0.0)
+    expanded = service.rank(request)
+    assert [h.item_id for h in expanded] == ["a", "c", "d"]
+    by_id = {h.item_id: h for h in expanded}
+    assert by_id["c"].parts.similarity == pytest.approx(0.5, abs=1e-3)
+    assert by_id["c"].parts.expanded_similarity == pytest.approx(0.748, abs=1e-3)
+    assert by_id["c"].score == pytest.approx(by_id["c"].parts.expanded_similarity)
+
+
+def test_query_expansion_counts_an_item_once() -> None:
+    """An item's objects are not several neighbours: only its best row expands the query."""
+    vectors = np.array([[0.8, 0.6, 0.0], [0.79, 0.61, 0.0]])
+    expanded = scoring.expand_query(
+        np.array(QUERY), vectors, np.array([0.8, 0.79]), ["a", "a"], [0, 1], 2, 0.0
+    )
+    once = scoring.expand_query(np.array(QUERY), vectors[:1], np.array([0.8]), ["a"], [0], 2, 0.0)
+    assert np.allclose(expanded, once)

@@ -19,7 +19,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOUPE_MILVUS_TOKEN", "root:secret")
     settings = RetrievalSettings.from_env()
     assert settings.milvus_uri == "/tmp/loupe-data/milvus.db" and settings.is_lite
-    assert (settings.collection, settings.dim, settings.index_type) == ("loupe_items", 1280, "FLAT")
+    assert (settings.collection_prefix, settings.dim) == ("loupe", 1280)
+    assert (settings.candidate_code, settings.index_type) == ("binary", "BIN_FLAT")
+    assert (settings.dba_neighbours, settings.dba_alpha) == (5, 3.0)
     assert settings.index_params == settings.search_params == {}
     assert settings.max_limit == 2000
     assert settings.milvus_token == "root:secret"
@@ -28,6 +30,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_server_uri_allows_server_index_types(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOUPE_MILVUS_URI", "http://milvus:19530")
+    monkeypatch.setenv("LOUPE_RETRIEVAL_CANDIDATE_CODE", "float")
     monkeypatch.setenv("LOUPE_MILVUS_INDEX_TYPE", "HNSW")
     monkeypatch.setenv("LOUPE_MILVUS_INDEX_PARAMS", '{"M": 16, "efConstruction": 200}')
     monkeypatch.setenv("LOUPE_MILVUS_SEARCH_PARAMS", '{"ef": 64}')
@@ -40,8 +43,15 @@ def test_server_uri_allows_server_index_types(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"LOUPE_MILVUS_INDEX_TYPE": "HNSW"}, "milvus-lite .* only supports FLAT, IVF_FLAT"),
-        ({"LOUPE_MILVUS_INDEX_TYPE": "BOGUS"}, "expected one of FLAT"),
+        (
+            {"LOUPE_RETRIEVAL_CANDIDATE_CODE": "float", "LOUPE_MILVUS_INDEX_TYPE": "HNSW"},
+            "milvus-lite .* only supports BIN_FLAT, FLAT, IVF_FLAT",
+        ),
+        ({"LOUPE_MILVUS_INDEX_TYPE": "BIN_IVF_FLAT"}, "milvus-lite .* only supports"),
+        ({"LOUPE_MILVUS_INDEX_TYPE": "HNSW"}, "expected one of BIN_FLAT, BIN_IVF_FLAT"),
+        ({"LOUPE_RETRIEVAL_CANDIDATE_CODE": "pq"}, "expected one of binary, float"),
+        ({"LOUPE_MILVUS_COLLECTION_PREFIX": "9x-y"}, "LOUPE_MILVUS_COLLECTION_PREFIX"),
+        ({"LOUPE_DBA_NEIGHBOURS": "-1"}, "LOUPE_DBA_NEIGHBOURS"),
         ({"LOUPE_MILVUS_INDEX_PARAMS": "{nlist: 1}"}, "LOUPE_MILVUS_INDEX_PARAMS.*not valid JSON"),
         ({"LOUPE_MILVUS_SEARCH_PARAMS": "[16]"}, "LOUPE_MILVUS_SEARCH_PARAMS.*a JSON object"),
         ({"LOUPE_MILVUS_URI": "/data/milvus"}, "ending in .db"),
