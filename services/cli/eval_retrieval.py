@@ -92,10 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--candidates",
-        type=int,
-        default=0,
-        metavar="K'",
-        help="candidates from the index per query (default: the gateway's)",
+        type=candidate_list,
+        default=[0],
+        metavar="K'[,K'...]",
+        help="candidates from the index per query (default: the gateway's); several values "
+        "query the same catalogue once per value, a row each",
     )
     parser.add_argument("--detect", action="store_true", help="index detected objects too")
     parser.add_argument(
@@ -119,6 +120,16 @@ def run(args: argparse.Namespace) -> int:
     except EvalError as error:
         print(f"loupe eval retrieval: {error}", file=sys.stderr)
         return 2
+
+
+def candidate_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 100,200") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("candidates must not be negative")
+    return values
 
 
 # ---- labelled sets ------------------------------------------------------------------------
@@ -246,9 +257,14 @@ async def evaluate(args: argparse.Namespace) -> int:
                 )
                 augment_seconds = reply.seconds
             indexed = {item.key for item in gallery} - failed
-            metrics = await run_queries(
-                stub, catalog, gallery, queries, indexed, top_k, args.candidates
-            )
+            runs = []
+            for candidates in args.candidates:
+                if len(args.candidates) > 1:
+                    say(f"queries with {candidates or 'the default'} candidates")
+                metrics = await run_queries(
+                    stub, catalog, gallery, queries, indexed, top_k, candidates
+                )
+                runs.append((candidates, metrics))
         except grpc.aio.AioRpcError as error:
             raise EvalError(
                 f"gateway at {address}: {error.code().name}: {error.details()}"
@@ -270,7 +286,6 @@ async def evaluate(args: argparse.Namespace) -> int:
         "index_failures": len(failed),
         "classes": len({item.label for item in gallery}),
         "top_k": top_k,
-        "candidates": args.candidates or "gateway default",
         "detect": bool(args.detect),
         "index_seconds": round(index_seconds, 2),
         "augment_seconds": round(augment_seconds, 2),
@@ -283,9 +298,14 @@ async def evaluate(args: argparse.Namespace) -> int:
             "rows": info.rows,
             "dba_neighbours": info.dba_neighbours,
         },
-        "metrics": {k: round(v, 4) for k, v in asdict(metrics).items() if k != "per_query"}
-        | {"queries": metrics.queries, "skipped_queries": metrics.skipped_queries},
+        "runs": [
+            {"candidates": candidates or "gateway default", "metrics": _rounded(metrics)}
+            for candidates, metrics in runs
+        ],
     }
+    # The first run also at the top level: the figures of a single-run evaluation.
+    report["candidates"] = report["runs"][0]["candidates"]
+    report["metrics"] = report["runs"][0]["metrics"]
     print(table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -364,22 +384,32 @@ async def run_queries(
     return summarise(per_query, latencies, skipped)
 
 
+def _rounded(metrics: Metrics) -> dict[str, float | int]:
+    figures: dict[str, float | int] = {
+        k: round(v, 4) for k, v in asdict(metrics).items() if isinstance(v, float)
+    }
+    return figures | {"queries": metrics.queries, "skipped_queries": metrics.skipped_queries}
+
+
 def table(report: dict[str, Any]) -> str:
-    m, index = report["metrics"], report["index"]
+    index = report["index"]
     lines = [
         f"gallery {report['gallery']} ({report['items']} items, {report['classes']} classes), "
-        f"queries: {report['queries']} ({m['queries']})",
+        f"queries: {report['queries']} ({report['metrics']['queries']})",
         f"index {index['type']} over {index['code']} codes: {index['code_bytes_per_row']} B "
         f"per row = {index['code_fraction_of_full']:.3f} of the {index['full_vector_bytes']} B "
-        f"float32 vector; DBA k={index['dba_neighbours']}; top_k {report['top_k']}, "
-        f"candidates {report['candidates']}",
+        f"float32 vector; DBA k={index['dba_neighbours']}; top_k {report['top_k']}",
         "",
-        f"{'mAP':>7} {'mAP@100':>8} {'P@1':>7} {'P@5':>7} {'P@10':>7} {'R@10':>7} "
-        f"{'p50 ms':>8} {'p95 ms':>8}",
-        f"{m['map']:>7.4f} {m['map_at_100']:>8.4f} {m['p_at_1']:>7.4f} {m['p_at_5']:>7.4f} "
-        f"{m['p_at_10']:>7.4f} {m['r_at_10']:>7.4f} {m['latency_ms_median']:>8.1f} "
-        f"{m['latency_ms_p95']:>8.1f}",
+        f"{'candidates':>15} {'mAP':>7} {'mAP@100':>8} {'P@1':>7} {'P@5':>7} {'P@10':>7} "
+        f"{'R@10':>7} {'p50 ms':>8} {'p95 ms':>8}",
     ]
+    for run in report["runs"]:
+        m = run["metrics"]
+        lines.append(
+            f"{run['candidates']!s:>15} {m['map']:>7.4f} {m['map_at_100']:>8.4f} "
+            f"{m['p_at_1']:>7.4f} {m['p_at_5']:>7.4f} {m['p_at_10']:>7.4f} {m['r_at_10']:>7.4f} "
+            f"{m['latency_ms_median']:>8.1f} {m['latency_ms_p95']:>8.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -187,11 +187,13 @@ def test_item_queries_return_same_class_and_never_the_item(
     assert p_at_10 >= 0.90
 
 
-def test_crop_finds_its_source_first(stack: Stack, corel_indexed: dict) -> None:
+def test_crop_finds_its_source(stack: Stack, corel_indexed: dict) -> None:
     for item in ("123.jpg", "456.jpg", "789.jpg"):
         # Corel images are 384x256 or 256x384: this box is inside either, off-centre.
         answer = search_json(stack, str(COREL / item), "--box", "30,40,230,240", "--top-k", "3")[0]
-        assert answer["results"][0]["item_id"] == item, answer
+        # Query expansion and DBA rank by neighbourhood: a near-identical sibling may edge the
+        # source out of first place, never out of the first three.
+        assert item in [r["item_id"] for r in answer["results"]], answer
 
 
 def test_objects_mode_returns_a_person_with_results(stack: Stack, corel_indexed: dict) -> None:
@@ -327,6 +329,128 @@ def test_every_service_exports_request_counters_and_latency(
     gateway = stack.metrics("gateway")
     for stage in ("embed", "retrieve", "rank"):
         assert metric_value(gateway, "loupe_gateway_stage_duration_seconds_count", stage=stage) > 0
+
+
+def test_catalogues_keep_their_items_apart(stack: Stack, corel_indexed: dict) -> None:
+    stub = stack.stub()
+    for i in (600, 601, 602):
+        reply = stub.Index(
+            gateway_pb2.IndexRequest(
+                item_id=f"tiny-{i}", image=(COREL / f"{i}.jpg").read_bytes(), catalog="tiny"
+            )
+        )
+        assert reply.indexed
+    found = stub.Search(gateway_pb2.SearchRequest(item_id="tiny-600", catalog="tiny", top_k=10))
+    assert sorted(h.item_id for h in found.results) == ["tiny-601", "tiny-602"]
+    default = stub.Search(gateway_pb2.SearchRequest(image=(COREL / "600.jpg").read_bytes()))
+    assert not [h for h in default.results if h.item_id.startswith("tiny-")]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Get(gateway_pb2.GetRequest(item_id="tiny-600"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.Get(gateway_pb2.GetRequest(item_id="tiny-600", catalog="tiny")).item_id
+
+    listed = json.loads(stack.loupe("catalogs", "list", "--json").stdout)
+    sizes = {c["name"]: int(c["items"]) for c in listed["catalogs"]}
+    assert sizes["tiny"] == 3 and sizes["default"] >= 1000
+    assert stack.loupe("catalogs", "drop", "tiny").stdout.strip() == "dropped"
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Search(gateway_pb2.SearchRequest(item_id="tiny-600", catalog="tiny"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Search(gateway_pb2.SearchRequest(item_id="1.jpg", catalog="Bad Name"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(stub.Search(gateway_pb2.SearchRequest(item_id="1.jpg")).results) == 10
+
+
+def labelled_gallery(root: Path, classes: range, images: range) -> Path:
+    """Corel images as DIR/CLASS/FILE links: the layout `loupe eval retrieval` reads."""
+    for c in classes:
+        (root / f"class{c}").mkdir(parents=True)
+        for i in images:
+            (root / f"class{c}" / f"{c * 100 + i}.jpg").symlink_to(COREL / f"{c * 100 + i}.jpg")
+    return root
+
+
+def test_eval_retrieval_measures_and_cleans_up(
+    stack: Stack, corel_indexed: dict, tmp_path: Path
+) -> None:
+    gallery = labelled_gallery(tmp_path / "gallery", range(0, 10, 3), range(12))
+    report_file = tmp_path / "report.json"
+    result = stack.loupe("eval", "retrieval", "--gallery", str(gallery), "--json", str(report_file))
+    report = json.loads(report_file.read_text())
+    metrics = report["metrics"]
+    print(result.stdout)
+    assert report["items"] == 48 and report["classes"] == 4 and metrics["queries"] == 48
+    assert report["top_k"] == 47  # every other item: mAP over the full ranking
+    assert 0.7 < metrics["map"] <= 1 and 0.7 < metrics["p_at_10"] <= 1
+    assert metrics["map_at_100"] == pytest.approx(metrics["map"])  # 11 relevant, all in 47
+    assert metrics["r_at_10"] <= 10 / 11 + 1e-9
+    assert report["index"]["code_bytes_per_row"] * 4 <= report["index"]["full_vector_bytes"]
+    assert "mAP@100" in result.stdout
+    # Its catalogue is gone; the default one is untouched.
+    names = {
+        c.name: c.items
+        for c in stack.stub().ListCatalogs(gateway_pb2.ListCatalogsRequest()).catalogs
+    }
+    assert names.get("default", 0) >= 1000 and not [n for n in names if n.startswith("eval_")]
+
+    queries = labelled_gallery(tmp_path / "queries", range(0, 10, 3), range(50, 53))
+    held_out = stack.loupe(
+        "eval", "retrieval", "--gallery", str(gallery), "--queries", str(queries), "--top-k", "20"
+    )
+    assert "(12)" in held_out.stdout  # 4 classes x 3 query images
+
+    flat = stack.loupe("eval", "retrieval", "--gallery", str(COREL), check=False)
+    assert flat.returncode == 2 and "--numbered-groups" in flat.stderr
+
+
+def test_indexing_objects_leaves_whole_image_results_unchanged(
+    stack: Stack, corel_indexed: dict
+) -> None:
+    """Objects are indexed beside whole images, but a whole-image query is compared with whole
+    images only: the same catalogue indexed with and without --detect answers alike."""
+    images = sorted((COCO / "images").glob("*.jpg"))[:24]
+    stub = stack.stub()
+    for catalog, detect in (("plain", False), ("objects", True)):
+        reply = stub.IndexStream(
+            iter(
+                gateway_pb2.IndexRequest(
+                    item_id=p.name, image=p.read_bytes(), detect=detect, catalog=catalog
+                )
+                for p in images
+            )
+        )
+        assert reply.indexed == len(images)
+        # Index-time augmentation depends on arrival order; the batch job does not.
+        stub.AugmentCatalog(gateway_pb2.AugmentCatalogRequest(catalog=catalog))
+    listed = {c.name: c for c in stub.ListCatalogs(gateway_pb2.ListCatalogsRequest()).catalogs}
+    assert listed["objects"].rows > listed["plain"].rows == len(images)
+    for query in images[:6]:
+        answers = [
+            stub.Search(
+                gateway_pb2.SearchRequest(image=query.read_bytes(), top_k=10, catalog=catalog)
+            ).results
+            for catalog in ("plain", "objects")
+        ]
+        assert [h.item_id for h in answers[0]] == [h.item_id for h in answers[1]]
+        assert [h.object_index for h in answers[1]] == [0] * len(answers[1])
+        # Not bit-equal: with objects to embed, the JPEG is decoded larger (enough pixels for
+        # the smallest crop), and the whole image is resized from that.
+        assert [h.score for h in answers[0]] == pytest.approx(
+            [h.score for h in answers[1]], abs=0.01
+        )
+    # A crop, unlike a whole image, is compared with objects too, each item once.
+    crop = stub.Search(
+        gateway_pb2.SearchRequest(
+            image=images[0].read_bytes(),
+            crop=common_pb2.Box(x0=10, y0=10, x1=200, y1=200),
+            top_k=10,
+            catalog="objects",
+        )
+    ).results
+    assert len({h.item_id for h in crop}) == len(crop)
+    for catalog in ("plain", "objects"):
+        stub.DropCatalog(gateway_pb2.DropCatalogRequest(catalog=catalog))
 
 
 def test_bad_images_get_invalid_argument_and_nothing_breaks(
