@@ -17,6 +17,7 @@ import numpy as np
 from loupe.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval import augmentation, codes, metadata
 from services.retrieval.filters import InvalidFilter, build_filter
+from services.retrieval.gate import CatalogGate
 from services.retrieval.metadata import InvalidMetadata
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
@@ -85,6 +86,11 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(self, settings: RetrievalSettings) -> None:
         self.settings = settings
         self.store = MilvusStore(settings)
+        self.gate = CatalogGate()
+        # Whole images written per catalogue since its DBA batch last ran, and the pending
+        # automatic run of each.
+        self._written: dict[str, int] = {}
+        self._refreshes: dict[str, asyncio.Task[None]] = {}
 
     def register(self, server: grpc.aio.Server) -> None:
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self, server)
@@ -93,14 +99,50 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         await asyncio.to_thread(self.store.open)
 
     async def close(self) -> None:
+        for task in self._refreshes.values():
+            task.cancel()
+        await asyncio.gather(*self._refreshes.values(), return_exceptions=True)
         await asyncio.to_thread(self.store.close)
 
     @_rpc
     async def Upsert(self, request: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertResponse:
         catalog = catalog_name(request.catalog)
         rows = self._rows(request.item)
-        replaced = await asyncio.to_thread(self._write_item, catalog, request.item.item_id, rows)
+        async with self.gate.shared(catalog):
+            replaced = await asyncio.to_thread(
+                self._write_item, catalog, request.item.item_id, rows
+            )
+        self._written[catalog] = self._written.get(catalog, 0) + 1
+        self._schedule_refresh(catalog)
         return retrieval_pb2.UpsertResponse(rows=len(rows), replaced=replaced)
+
+    def _schedule_refresh(self, catalog: str) -> None:
+        """(Re)start the catalogue's quiet-period timer: a bulk load triggers one batch DBA,
+        after its last write."""
+        s = self.settings
+        if s.dba_neighbours == 0 or s.dba_refresh_seconds == 0:
+            return
+        pending = self._refreshes.get(catalog)
+        if pending is not None and not pending.done():
+            pending.cancel()
+        self._refreshes[catalog] = asyncio.create_task(self._refresh_when_quiet(catalog))
+
+    async def _refresh_when_quiet(self, catalog: str) -> None:
+        await asyncio.sleep(self.settings.dba_refresh_seconds)
+        try:
+            async with self.gate.exclusive(catalog):
+                items = await asyncio.to_thread(self.store.count, catalog, "object_index == 0")
+                written = self._written.get(catalog, 0)
+                if not 0 < items <= self.settings.dba_refresh_max_items:
+                    return
+                if written < max(1.0, self.settings.dba_refresh_growth * items):
+                    return
+                self._written[catalog] = 0
+                k, alpha = self.settings.dba_neighbours, self.settings.dba_alpha
+                await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
+        except (CatalogNotFound, StoreUnavailable) as error:
+            # The next write schedules it again.
+            log.warning("automatic DBA skipped", extra={"catalog": catalog, "reason": str(error)})
 
     def _write_item(self, catalog: str, item_id: str, rows: list[Row]) -> bool:
         """Augment the whole image's vector with its neighbours' (DBA), encode, write."""
@@ -145,17 +187,20 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     ) -> retrieval_pb2.DeleteItemResponse:
         item_id = _item_id(request.item_id)
         catalog = catalog_name(request.catalog)
-        deleted = await asyncio.to_thread(self.store.delete_item, catalog, item_id)
+        async with self.gate.shared(catalog):
+            deleted = await asyncio.to_thread(self.store.delete_item, catalog, item_id)
         return retrieval_pb2.DeleteItemResponse(rows_deleted=deleted)
 
     @_rpc
     async def Lookup(self, request: retrieval_pb2.LookupRequest) -> retrieval_pb2.LookupResponse:
-        vectors = request.include_vectors
         catalog = catalog_name(request.catalog)
         key = request.WhichOneof("key")
         if key == "item_id":
-            rows = await asyncio.to_thread(
-                self.store.item_rows, catalog, _item_id(request.item_id), vectors=vectors
+            read = functools.partial(
+                self.store.item_rows,
+                catalog,
+                _item_id(request.item_id),
+                vectors=request.include_vectors,
             )
         elif key == "content_hash":
             limit = request.limit or DEFAULT_LOOKUP_LIMIT
@@ -164,11 +209,21 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                     f"lookup by content_hash needs a non-empty hash and a limit of 1 to "
                     f"{MAX_LOOKUP_LIMIT} (got {request.limit}; 0 means {DEFAULT_LOOKUP_LIMIT})"
                 )
-            rows = await asyncio.to_thread(
-                self.store.rows_by_hash, catalog, request.content_hash, limit, vectors=vectors
+            read = functools.partial(
+                self.store.rows_by_hash,
+                catalog,
+                request.content_hash,
+                limit,
+                vectors=request.include_vectors,
             )
         else:
             raise InvalidRequest("set item_id or content_hash")
+        rows = await asyncio.to_thread(read)
+        if not rows and self.gate.busy(catalog):
+            # The batch job rewrites rows, and milvus-lite's upsert is a delete then an
+            # insert: a row can be missing for a moment. Ask again once the job is done.
+            await self.gate.wait_idle(catalog)
+            rows = await asyncio.to_thread(read)
         return retrieval_pb2.LookupResponse(items=_items(rows))
 
     @_rpc
@@ -242,7 +297,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.RetrievalDropCatalogRequest
     ) -> retrieval_pb2.RetrievalDropCatalogResponse:
         catalog = catalog_name(request.catalog)
-        dropped = await asyncio.to_thread(self.store.drop, catalog)
+        async with self.gate.exclusive(catalog):
+            dropped = await asyncio.to_thread(self.store.drop, catalog)
+            self._written.pop(catalog, None)
         return retrieval_pb2.RetrievalDropCatalogResponse(dropped=dropped)
 
     @_rpc
@@ -253,7 +310,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         if not 0 <= k <= 100 or not 0 <= alpha <= 100:
             raise InvalidRequest(f"neighbours={k}, alpha={alpha}: expected 0-100 each")
         started = time.perf_counter()
-        items = await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
+        async with self.gate.exclusive(catalog):
+            self._written[catalog] = 0
+            items = await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
         return retrieval_pb2.AugmentResponse(items=items, seconds=time.perf_counter() - started)
 
     def _augment_catalog(self, catalog: str, k: int, alpha: float) -> int:

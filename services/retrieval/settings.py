@@ -50,6 +50,11 @@ class RetrievalSettings:
     # averaged with its nearest neighbours', weighted by similarity ** alpha (0 = off).
     dba_neighbours: int
     dba_alpha: float
+    # The batch DBA runs by itself once writes pause this long and at least `growth` x items
+    # were written since it last ran, on catalogues of at most `max_items` (0 s = never).
+    dba_refresh_seconds: float
+    dba_refresh_growth: float
+    dba_refresh_max_items: int
 
     @property
     def is_lite(self) -> bool:
@@ -92,6 +97,15 @@ class RetrievalSettings:
             timeout_seconds=env_int("LOUPE_MILVUS_TIMEOUT_SECONDS", 10, minimum=1, maximum=3600),
             dba_neighbours=env_int("LOUPE_DBA_NEIGHBOURS", 5, minimum=0, maximum=100),
             dba_alpha=env_float("LOUPE_DBA_ALPHA", 3.0, minimum=0.0, maximum=100.0),
+            dba_refresh_seconds=env_float(
+                "LOUPE_DBA_REFRESH_SECONDS", 5.0, minimum=0.0, maximum=86400.0
+            ),
+            dba_refresh_growth=env_float(
+                "LOUPE_DBA_REFRESH_GROWTH", 0.05, minimum=0.0, maximum=100.0
+            ),
+            dba_refresh_max_items=env_int(
+                "LOUPE_DBA_REFRESH_MAX_ITEMS", 20000, minimum=0, maximum=10_000_000
+            ),
         )
 
 
