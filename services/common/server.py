@@ -133,6 +133,10 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     ]
 
 
+# Health name that is SERVING while the process runs, whatever its dependencies do.
+LIVENESS_SERVICE = "loupe.liveness"
+
+
 async def serve(service: Service, settings: ServerSettings) -> None:
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(service.name)], options=server_options(settings)
@@ -148,15 +152,29 @@ async def serve(service: Service, settings: ServerSettings) -> None:
             await health.set(name, status)
         UP.labels(service.name).set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 
+    stopping = asyncio.Event()
+    watching: asyncio.Task[None] | None = None
+
+    async def set_serving(serving: bool) -> None:
+        if not stopping.is_set():
+            await set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     start_http_server(settings.metrics_port, addr=settings.host)
     address = f"{settings.host}:{settings.port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
+    # The process is alive even while it cannot serve (loading, or Triton down): a liveness
+    # probe asks about this name, so that a dependency's outage takes the pod out of its
+    # Service (readiness) without restarting it.
+    await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening", extra={"address": address, "metrics_port": settings.metrics_port})
 
-    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -170,13 +188,21 @@ async def serve(service: Service, settings: ServerSettings) -> None:
             loading.result()  # a failed load ends the process with its error
             await set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra={"load_seconds": round(time.perf_counter() - started, 3)})
+            # A service that depends on a server of its own (a model on Triton) may report
+            # that it cannot serve for a while, and that it can again.
+            watch = getattr(service, "watch_readiness", None)
+            if watch is not None:
+                watching = asyncio.create_task(watch(set_serving))
             await waiting
         else:
             loading.cancel()
         log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
         await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         waiting.cancel()
+        if watching is not None:
+            watching.cancel()
         # In-flight calls finish within the grace period; new ones are refused.
         await server.stop(settings.grace_seconds)
         await service.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -13,8 +14,7 @@ import numpy as np
 from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from services.common.config import ConfigError
 from services.common.images import EncodedImage, InvalidImage
-from services.common.inference import LoadedModel, load_model_spec
-from services.common.inference_metrics import observed_infer
+from services.common.inference import LoadedModel, infer_or_abort, load_model_spec
 from services.detection.labels import LABEL_SETS
 from services.detection.preprocess import Letterboxed, LetterboxPreprocessing
 from services.detection.settings import MAX_DETECTIONS_LIMIT, DetectionSettings
@@ -49,13 +49,17 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
                 f"model {spec.name}: output dims {list(output_dims)} do not match "
                 f"{self.decoder.num_anchors} anchors and {len(self.labels)} classes"
             )
-        self.model = LoadedModel(spec, settings.inference_backend, settings.inference_threads)
+        self.model = LoadedModel(spec, settings.inference)
 
     def register(self, server: grpc.aio.Server) -> None:
         detection_pb2_grpc.add_DetectionServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
         await self.model.load()
+
+    async def watch_readiness(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        """Health follows the model's server (Triton) while serving; see server.py."""
+        await self.model.watch_readiness(report)
 
     async def close(self) -> None:
         await self.model.close()
@@ -70,7 +74,9 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
     ) -> detection_pb2.DetectResponse:
         backend = self.model.backend
         if backend is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "detection: model not loaded yet")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"{self.name}: {self.model.not_loaded_reason()}"
+            )
         assert backend is not None
         score_threshold = request.score_threshold or self.settings.score_threshold
         if not 0.0 < score_threshold <= 1.0:
@@ -91,8 +97,8 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
             size, decoded_size, letterboxed = await asyncio.to_thread(self._prepare, request.image)
         except InvalidImage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {error}")
-        outputs = await observed_infer(
-            backend, {self.spec.inputs[0].name: letterboxed.tensor}, batch_size=1
+        outputs = await infer_or_abort(
+            context, backend, {self.spec.inputs[0].name: letterboxed.tensor}, self.name
         )
         detections = await asyncio.to_thread(
             self.decoder,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.common.config import ConfigError, env_float, env_int, env_str
 from services.common.images import DEFAULT_MAX_PIXELS
-from services.common.inference import BACKENDS, model_repository_from_env
+from services.common.inference import InferenceSettings, model_repository_from_env
 
 MAX_DETECTIONS_LIMIT = 1000
 
@@ -15,8 +15,7 @@ MAX_DETECTIONS_LIMIT = 1000
 @dataclass(frozen=True)
 class DetectionSettings:
     model_repository: Path
-    inference_backend: str
-    inference_threads: int
+    inference: InferenceSettings
     model_name: str
     model_version: str
     score_threshold: float
@@ -28,8 +27,7 @@ class DetectionSettings:
     def from_env(cls) -> DetectionSettings:
         settings = cls(
             model_repository=model_repository_from_env(),
-            inference_backend=env_str("LOUPE_INFERENCE_BACKEND", "onnxruntime", choices=BACKENDS),
-            inference_threads=env_int("LOUPE_INFERENCE_THREADS", 0, minimum=0),
+            inference=InferenceSettings.from_env(),
             model_name=env_str("LOUPE_DETECTION_MODEL", "detector"),
             model_version=env_str("LOUPE_DETECTION_MODEL_VERSION", ""),
             score_threshold=env_float(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.common.images import InvalidImage, PixelBox
-from services.common.inference import LoadedModel, load_model_spec
-from services.common.inference_metrics import observed_infer
+from services.common.inference import LoadedModel, infer_or_abort, load_model_spec
 from services.embedding.preprocess import RegionError, StretchPreprocessing, prepare_batch
 from services.embedding.settings import EmbeddingSettings
 
@@ -32,13 +32,17 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.preprocess = StretchPreprocessing.from_spec(self.spec)
         # max_batch_size 0 means the model takes exactly one image, batch axis included.
         self.batch_size = max(1, self.spec.max_batch_size)
-        self.model = LoadedModel(self.spec, settings.inference_backend, settings.inference_threads)
+        self.model = LoadedModel(self.spec, settings.inference)
 
     def register(self, server: grpc.aio.Server) -> None:
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
         await self.model.load()
+
+    async def watch_readiness(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        """Health follows the model's server (Triton) while serving; see server.py."""
+        await self.model.watch_readiness(report)
 
     async def close(self) -> None:
         await self.model.close()
@@ -57,7 +61,9 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     ) -> embedding_pb2.EmbedResponse:
         backend = self.model.backend
         if backend is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "embedding: model not loaded yet")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"{self.name}: {self.model.not_loaded_reason()}"
+            )
         assert backend is not None
         if not request.whole_image and not request.regions:
             await context.abort(
@@ -88,7 +94,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         vectors = []
         for start in range(0, len(tensors), self.batch_size):
             batch = tensors[start : start + self.batch_size]
-            outputs = await observed_infer(backend, {input_name: batch}, len(batch))
+            outputs = await infer_or_abort(context, backend, {input_name: batch}, self.name)
             vectors.append(outputs[output_name])
         embeddings = _l2_normalise(np.concatenate(vectors))
 

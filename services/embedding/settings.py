@@ -7,14 +7,13 @@ from pathlib import Path
 
 from services.common.config import env_int, env_str
 from services.common.images import DEFAULT_MAX_PIXELS
-from services.common.inference import BACKENDS, model_repository_from_env
+from services.common.inference import InferenceSettings, model_repository_from_env
 
 
 @dataclass(frozen=True)
 class EmbeddingSettings:
     model_repository: Path
-    inference_backend: str
-    inference_threads: int
+    inference: InferenceSettings
     model_name: str
     model_version: str
     max_regions: int
@@ -24,8 +23,7 @@ class EmbeddingSettings:
     def from_env(cls) -> EmbeddingSettings:
         return cls(
             model_repository=model_repository_from_env(),
-            inference_backend=env_str("LOUPE_INFERENCE_BACKEND", "onnxruntime", choices=BACKENDS),
-            inference_threads=env_int("LOUPE_INFERENCE_THREADS", 0, minimum=0),
+            inference=InferenceSettings.from_env(),
             model_name=env_str("LOUPE_EMBEDDING_MODEL", "embedder"),
             model_version=env_str("LOUPE_EMBEDDING_MODEL_VERSION", ""),
             max_regions=env_int("LOUPE_EMBEDDING_MAX_REGIONS", 64, minimum=1, maximum=4096),
