@@ -6,8 +6,8 @@
 One query at a time: image queries through the gateway once (decode, embed, search); then for
 each top_k, searches by item id (no embedding: retrieval and ranking only), the same again
 from the result cache, and the retrieval step alone fetching the gateway's K' candidates
-without and with their full-precision vectors (what ranking re-scores with). Prints medians and p95 in
-milliseconds.
+without and with their full-precision vectors (what ranking re-scores with). Prints medians
+and p95 in milliseconds.
 """
 
 from __future__ import annotations
