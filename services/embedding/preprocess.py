@@ -80,11 +80,13 @@ def prepare_batch(
     preprocess: StretchPreprocessing,
     max_pixels: int,
 ) -> tuple[tuple[int, int], np.ndarray]:
-    """Decode once; return the image size and [N, 3, H, W]: the whole image (if asked) first,
-    then each region in order. Raises InvalidImage, or RegionError naming the region.
+    """Return the image size and [N, 3, H, W]: the whole image (if asked) first, then each
+    region in order. Raises InvalidImage, or RegionError naming the region.
 
-    The decoder may shrink the image, but never so far that a view (the whole image or a
-    region) has fewer pixels than the model's input on either side.
+    The decoder may shrink the image, but never so far that a view has fewer pixels than the
+    model's input on either side. The whole image is always prepared from the decode it alone
+    would get, so its vector does not depend on which regions come with it (indexing objects
+    must not change whole-image results); regions that need more pixels get a second decode.
     """
     encoded = EncodedImage(data, max_pixels)
     width, height = encoded.size
@@ -94,14 +96,27 @@ def prepare_batch(
             boxes.append(clip_box(region, width, height))
         except InvalidImage as error:
             raise RegionError(f"regions[{index}]: {error}") from None
-    sides = [(float(width), float(height))] if whole_image else []
-    sides += [(box.width, box.height) for box in boxes]
-    scale = min(
-        1.0, max(max(preprocess.input_width / w, preprocess.input_height / h) for w, h in sides)
-    )
-    image = encoded.decode(at_least=(math.ceil(width * scale), math.ceil(height * scale)))
-    # Per axis: the decoder rounds each side up on its own.
-    sx, sy = image.width / width, image.height / height
-    views = [image] if whole_image else []
-    views += [crop(image, PixelBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy)) for b in boxes]
+
+    def scale_for(sides: list[tuple[float, float]]) -> float:
+        return min(
+            1.0,
+            max(max(preprocess.input_width / w, preprocess.input_height / h) for w, h in sides),
+        )
+
+    def decoded(scale: float) -> Image.Image:
+        return encoded.decode(at_least=(math.ceil(width * scale), math.ceil(height * scale)))
+
+    views = []
+    whole_scale = scale_for([(float(width), float(height))])
+    whole = decoded(whole_scale) if whole_image else None
+    if whole is not None:
+        views.append(whole)
+    if boxes:
+        region_scale = scale_for([(box.width, box.height) for box in boxes])
+        image = (
+            whole if whole is not None and region_scale <= whole_scale else decoded(region_scale)
+        )
+        # Per axis: the decoder rounds each side up on its own.
+        sx, sy = image.width / width, image.height / height
+        views += [crop(image, PixelBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy)) for b in boxes]
     return (width, height), np.stack([preprocess(view) for view in views])

@@ -61,6 +61,10 @@ CATALOG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
 SEPARATOR = "__"
 # Rows read per page when the batch job walks a catalogue.
 PAGE = 1000
+# Rows written per call by the batch job. milvus-lite's upsert is a delete then an insert, so a
+# search meanwhile can miss the rows of the call in progress: small calls keep that to a few
+# items at a time.
+WRITE_PAGE = 64
 
 
 class StoreUnavailable(Exception):
@@ -413,8 +417,8 @@ class MilvusStore:
         s, client = self.settings, self._require()
         name = self.collection(catalog, create=False)
         with self._errors("upsert"):
-            for start in range(0, len(rows), PAGE):
-                client.upsert(name, rows[start : start + PAGE], timeout=s.timeout_seconds)
+            for start in range(0, len(rows), WRITE_PAGE):
+                client.upsert(name, rows[start : start + WRITE_PAGE], timeout=s.timeout_seconds)
 
     def count(self, catalog: str, expression: str = "") -> int:
         name = self.collection(catalog, create=False)

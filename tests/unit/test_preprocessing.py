@@ -166,3 +166,23 @@ def test_corrupt_bytes_are_invalid_images(stretch: StretchPreprocessing) -> None
     for data in (truncated, b"definitely not an image"):
         with pytest.raises(InvalidImage):
             prepare_batch(data, whole_image=True, regions=[], preprocess=stretch, max_pixels=10**8)
+
+
+def test_the_whole_image_does_not_depend_on_the_regions_beside_it(
+    stretch: StretchPreprocessing,
+) -> None:
+    """A small region makes the decoder keep more pixels; the whole image must still be
+    prepared from the decode it would get alone (indexing objects must not change it)."""
+    data = encode(noise_image(2400, 1600, seed=5).resize((2400, 1600)), "JPEG", quality=90)
+    _, alone = prepare_batch(
+        data, whole_image=True, regions=[], preprocess=stretch, max_pixels=10**8
+    )
+    _, with_region = prepare_batch(
+        data,
+        whole_image=True,
+        regions=[PixelBox(100, 100, 400, 400)],
+        preprocess=stretch,
+        max_pixels=10**8,
+    )
+    assert with_region.shape[0] == 2
+    assert np.array_equal(alone[0], with_region[0])
