@@ -9,6 +9,7 @@ Prometheus Operator objects, which kubernetes-validate cannot check, against the
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.deploy.chart import (
     CHART,
     NAMESPACE,
     RELEASE,
+    ROOT,
     SERVICES,
     RenderError,
     alert_rules,
@@ -640,3 +642,35 @@ def test_every_value_is_documented() -> None:
         if not lines[number - 1].strip().startswith("#"):
             undocumented.append(".".join([*path, key]))
     assert not undocumented, f"undocumented values: {undocumented}"
+
+
+def test_every_service_accepts_its_rendered_configuration(
+    profile: str, docs: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The services' own start-up validation, run on each ConfigMap: a knob the chart sets that
+    a service would refuse (a wrong name, an index type the candidate code cannot use) fails
+    here, not in a crash-looping pod."""
+    from services.common.config import ServerSettings
+    from services.detection.settings import DetectionSettings
+    from services.embedding.settings import EmbeddingSettings
+    from services.gateway.settings import GatewaySettings
+    from services.ranking.settings import RankingSettings
+    from services.retrieval.settings import RetrievalSettings
+
+    settings_of = {
+        "gateway": GatewaySettings.from_env,
+        "detection": DetectionSettings.from_env,
+        "embedding": EmbeddingSettings.from_env,
+        "retrieval": RetrievalSettings.from_env,
+        "ranking": RankingSettings.from_env,
+    }
+    for service, from_env in settings_of.items():
+        with monkeypatch.context() as env:
+            for name in [n for n in os.environ if n.startswith("LOUPE_")]:
+                env.delenv(name)
+            for name, value in named(docs, "ConfigMap", name_of(service))["data"].items():
+                env.setenv(name, value)
+            # The pod's model volume: here, the checkout's built repository.
+            env.setenv("LOUPE_MODEL_REPOSITORY", str(ROOT / "models"))
+            from_env()
+            ServerSettings.from_env(service)

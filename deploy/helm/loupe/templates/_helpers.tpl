@@ -139,7 +139,7 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- with $root.Values.milvus.dbName }}
 {{- $_ := set $env "LOUPE_MILVUS_DB_NAME" . }}
 {{- end }}
-{{- $_ := set $env "LOUPE_MILVUS_COLLECTION" $root.Values.milvus.collection }}
+{{- $_ := set $env "LOUPE_MILVUS_COLLECTION_PREFIX" $root.Values.milvus.collectionPrefix }}
 {{- end }}
 {{- range $key, $value := $root.Values.env }}
 {{- $_ := set $env $key ($value | toString) }}
