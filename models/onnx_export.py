@@ -8,7 +8,6 @@ to prepare pixels (services/embedding/preprocess.py). Only the model tool import
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from build_models import write_atomically
 from torch import nn
 
 INPUT_NAME = "images"
@@ -103,15 +103,6 @@ def config_text(
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'parameters {{ key: "{key}" value {{ string_value: "{escaped}" }} }}')
     return "\n".join(lines) + "\n"
-
-
-def write_atomically(target: Path, data: bytes) -> None:
-    """Readers (a running service, Triton) never see a half-written file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(data)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, target)
 
 
 def write_model(repository: Path, name: str, onnx_bytes: bytes, config: str) -> Path:

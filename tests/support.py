@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,17 @@ from contextlib import contextmanager
 import grpc
 
 from services.common.server import MetricsInterceptor, Service
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports free now, for processes a test starts (a race no test here loses)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @contextmanager

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from tests.deploy.chart import (
     parsed_metric_names,
     render,
 )
+from tests.support import free_ports
 
 LOUPE = str(Path(sys.executable).parent / "loupe")
 SERVICES = ("gateway", "detection", "embedding", "retrieval", "ranking")
@@ -172,16 +172,6 @@ class Stack:
     env: dict[str, str]
     metrics_ports: dict[str, int]
     gateway: str
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def loupe(env: dict[str, str], *args: str) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.support import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("LOUPE_SHARED_DIR", ROOT.parent / "shared"))
@@ -48,16 +48,6 @@ pytestmark = [
 
 def corel_class(item_id: str) -> int:
     return int(Path(item_id).stem) // 100
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from services.detection.service import DetectionService
 from services.detection.settings import DetectionSettings
 from services.embedding.service import EmbeddingService
 from services.embedding.settings import EmbeddingSettings
-from tests.support import serving
+from tests.support import free_ports, serving
 from tools.triton_repository import TritonServer, running_triton
 
 ROOT = REPOSITORY_IN_CHECKOUT.parent
@@ -177,16 +176,6 @@ def test_triton_batches_concurrent_embedding_calls(triton: TritonServer) -> None
 
 
 # --- the whole stack on the Triton path ---------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @dataclass
