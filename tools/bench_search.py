@@ -83,7 +83,7 @@ def main() -> int:
     median, p95 = timed(gateway.Search, first)
     print(f"{top_ks[0]:>5}  {'gateway Search, image query (embeds)':<44}{median:>10.1f}{p95:>9.1f}")
     for top_k in top_ks:
-        limit = max(args.min_candidates, 4 * top_k)
+        limit = max(args.min_candidates, 2 * top_k)
         by_item = [gateway_pb2.SearchRequest(item_id=i, top_k=top_k) for _, i in queries]
         fetches = [retrieval_pb2.RetrievalSearchRequest(query=v, limit=limit) for v in vectors]
         with_vectors = [

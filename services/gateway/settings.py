@@ -24,7 +24,7 @@ class GatewaySettings:
     backend_timeout_seconds: float
     default_top_k: int
     max_top_k: int
-    # Rows fetched from retrieval per query (K'): at least this many, and 4 x top_k.
+    # Rows fetched from retrieval per query (K'): at least this many, and 2 x top_k.
     min_candidates: int
     max_candidates: int
     duplicate_threshold: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import math
@@ -464,9 +465,26 @@ def _items(rows: list[Row]) -> list[retrieval_pb2.StoredItem]:
 
 
 def _vector(row: Row) -> common_pb2.Vector | None:
+    """The stored float32 bytes as a Vector message, parsed from its wire form: packed floats
+    are those very bytes, so no Python float is made (hundreds of candidates x 1280 values
+    per search)."""
     if VECTOR not in row:
         return None
-    return common_pb2.Vector(values=codes.decode_vector(row[VECTOR]).tolist())
+    data = base64.b64decode(row[VECTOR])
+    return common_pb2.Vector.FromString(_PACKED_VALUES_TAG + _varint(len(data)) + data)
+
+
+# Field 1 of Vector (`values`), wire type 2 (length-delimited: packed).
+_PACKED_VALUES_TAG = b"\x0a"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _candidate(row: Row) -> retrieval_pb2.Candidate:
