@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--gateway")
     parser.add_argument("--retrieval", default="127.0.0.1:50054")
     parser.add_argument(
-        "--min-candidates", type=int, default=200, help="LOUPE_GATEWAY_MIN_CANDIDATES"
+        "--min-candidates", type=int, default=100, help="LOUPE_GATEWAY_MIN_CANDIDATES"
     )
     args = parser.parse_args()
 

@@ -54,7 +54,7 @@ class GatewaySettings:
             ),
             default_top_k=env_int("LOUPE_GATEWAY_DEFAULT_TOP_K", 10, minimum=1),
             max_top_k=env_int("LOUPE_GATEWAY_MAX_TOP_K", 500, minimum=1, maximum=1000),
-            min_candidates=env_int("LOUPE_GATEWAY_MIN_CANDIDATES", 200, minimum=1),
+            min_candidates=env_int("LOUPE_GATEWAY_MIN_CANDIDATES", 100, minimum=1),
             max_candidates=env_int("LOUPE_GATEWAY_MAX_CANDIDATES", 2000, minimum=1),
             duplicate_threshold=env_float(
                 "LOUPE_DUPLICATE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0
