@@ -8,14 +8,13 @@ import unicodedata
 from collections.abc import Mapping
 
 from loupe.v1 import common_pb2
+from services.common import catalogs
 from services.gateway.backends import RequestError, grpc
 
 MAX_ITEM_ID_LENGTH = 512
 MAX_STRING_VALUE_LENGTH = 4096
 MAX_METADATA_KEYS = 64
 METADATA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-CATALOG = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
-DEFAULT_CATALOG = "default"
 
 
 def invalid(message: str) -> RequestError:
@@ -32,14 +31,10 @@ def check_item_id(item_id: str) -> None:
 
 
 def resolve_catalog(catalog: str) -> str:
-    if not catalog:
-        return DEFAULT_CATALOG
-    if not CATALOG.fullmatch(catalog):
-        raise invalid(
-            f"catalog {catalog!r}: expected 1 to 64 lower-case letters, digits and underscores, "
-            "starting with a letter or digit"
-        )
-    return catalog
+    try:
+        return catalogs.resolve_catalog(catalog)
+    except catalogs.InvalidCatalog as error:
+        raise invalid(str(error)) from None
 
 
 def check_metadata(metadata: Mapping[str, common_pb2.Value], what: str = "metadata") -> None:

@@ -16,15 +16,14 @@ import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from services.common.catalogs import InvalidCatalog, resolve_catalog
 from services.retrieval import augmentation, codes, metadata
 from services.retrieval.filters import InvalidFilter, build_filter
 from services.retrieval.gate import CatalogGate
 from services.retrieval.metadata import InvalidMetadata
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
-    CATALOG_PATTERN,
     CODE,
-    DEFAULT_CATALOG,
     MAX_ITEM_ID_CHARS,
     MAX_OBJECTS,
     RAW,
@@ -57,7 +56,7 @@ class InvalidRequest(ValueError):
     """The caller's request is malformed; the message says what to fix."""
 
 
-CALLER_ERRORS = (InvalidRequest, InvalidFilter, InvalidMetadata)
+CALLER_ERRORS = (InvalidRequest, InvalidFilter, InvalidMetadata, InvalidCatalog)
 
 
 def _rpc(
@@ -107,7 +106,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     @_rpc
     async def Upsert(self, request: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertResponse:
-        catalog = catalog_name(request.catalog)
+        catalog = resolve_catalog(request.catalog)
         rows = self._rows(request.item)
         async with self.gate.shared(catalog):
             replaced = await asyncio.to_thread(
@@ -187,14 +186,14 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.DeleteItemRequest
     ) -> retrieval_pb2.DeleteItemResponse:
         item_id = _item_id(request.item_id)
-        catalog = catalog_name(request.catalog)
+        catalog = resolve_catalog(request.catalog)
         async with self.gate.shared(catalog):
             deleted = await asyncio.to_thread(self.store.delete_item, catalog, item_id)
         return retrieval_pb2.DeleteItemResponse(rows_deleted=deleted)
 
     @_rpc
     async def Lookup(self, request: retrieval_pb2.LookupRequest) -> retrieval_pb2.LookupResponse:
-        catalog = catalog_name(request.catalog)
+        catalog = resolve_catalog(request.catalog)
         key = request.WhichOneof("key")
         if key == "item_id":
             read = functools.partial(
@@ -231,7 +230,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def Search(
         self, request: retrieval_pb2.RetrievalSearchRequest
     ) -> retrieval_pb2.RetrievalSearchResponse:
-        catalog = catalog_name(request.catalog)
+        catalog = resolve_catalog(request.catalog)
         query = _unit_vector(request.query.values, self.settings.dim, "query")
         if not 0 < request.limit <= self.settings.max_limit:
             raise InvalidRequest(
@@ -259,7 +258,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     @_rpc
     async def Stats(self, request: retrieval_pb2.StatsRequest) -> retrieval_pb2.StatsResponse:
-        return await asyncio.to_thread(self._stats, catalog_name(request.catalog))
+        return await asyncio.to_thread(self._stats, resolve_catalog(request.catalog))
 
     def _stats(self, catalog: str) -> retrieval_pb2.StatsResponse:
         index_type = self.store.index_type(catalog)
@@ -297,7 +296,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def DropCatalog(
         self, request: retrieval_pb2.RetrievalDropCatalogRequest
     ) -> retrieval_pb2.RetrievalDropCatalogResponse:
-        catalog = catalog_name(request.catalog)
+        catalog = resolve_catalog(request.catalog)
         async with self.gate.exclusive(catalog):
             dropped = await asyncio.to_thread(self.store.drop, catalog)
             self._written.pop(catalog, None)
@@ -305,7 +304,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     @_rpc
     async def Augment(self, request: retrieval_pb2.AugmentRequest) -> retrieval_pb2.AugmentResponse:
-        catalog = catalog_name(request.catalog)
+        catalog = resolve_catalog(request.catalog)
         k = request.neighbours or self.settings.dba_neighbours
         alpha = request.alpha or self.settings.dba_alpha
         if not 0 <= k <= 100 or not 0 <= alpha <= 100:
@@ -385,17 +384,6 @@ def build() -> RetrievalService:
 
 
 # -- validation -------------------------------------------------------------------------------
-
-
-def catalog_name(catalog: str) -> str:
-    if not catalog:
-        return DEFAULT_CATALOG
-    if not CATALOG_PATTERN.fullmatch(catalog):
-        raise InvalidRequest(
-            f"catalog {catalog!r}: expected 1 to 64 lower-case letters, digits and underscores, "
-            "starting with a letter or digit"
-        )
-    return catalog
 
 
 def _item_id(item_id: str) -> str:

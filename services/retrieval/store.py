@@ -12,7 +12,6 @@ server every read asks for Strong consistency.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from services.common.catalogs import CATALOG_PATTERN, DEFAULT_CATALOG
 from services.common.config import ConfigError
 from services.retrieval import codes
 from services.retrieval.filters import quote
@@ -55,8 +55,6 @@ MAX_ITEM_ID_CHARS = 512
 MAX_OBJECTS = 1000
 # Indexed when the Milvus at hand can: lookups and deletes filter on them.
 SCALAR_INDEXED = ("item_id", "content_hash")
-DEFAULT_CATALOG = "default"
-CATALOG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
 # Separates the prefix from the catalogue name in a collection name.
 SEPARATOR = "__"
 # Rows read per page when the batch job walks a catalogue.
