@@ -332,7 +332,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         whole = not request.HasField("crop")
         searches = [
             self._search_vector(
-                main_vector, top_k, request, catalog, exclude, query_metadata, whole, context
+                main_vector,
+                top_k,
+                request,
+                catalog,
+                exclude,
+                query_metadata,
+                whole,
+                context,
+                same_bytes_first=image_hash if whole else "",
             )
         ]
         searches += [
@@ -342,12 +350,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             for _, vector in object_queries
         ]
         results = await asyncio.gather(*searches)
-        whole_results = results[0]
-        if query == "image" and whole:
-            whole_results = await self._same_bytes_first(
-                whole_results, image_hash, catalog, context
-            )
-        response.results.extend(whole_results)
+        response.results.extend(results[0])
         for (detection, _), hits in zip(object_queries, results[1:], strict=True):
             response.objects.add(detection=detection, results=hits)
 
@@ -399,7 +402,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         query_metadata: dict[str, common_pb2.Value],
         whole_images_only: bool,
         context: grpc.aio.ServicerContext,
+        same_bytes_first: str = "",
     ) -> list[common_pb2.Hit]:
+        """Candidates, then ranking. Items stored with the content hash `same_bytes_first` come
+        first: query expansion and DBA rank by neighbourhoods, which can put a close sibling
+        above the image itself, and a caller who searches with a catalogue's own photo expects
+        that photo first."""
         candidates_wanted = request.candidates or max(
             self.settings.min_candidates, CANDIDATES_PER_RESULT * top_k
         )
@@ -435,7 +443,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ),
                 context,
             )
-        return list(ranked.hits)
+        hits = list(ranked.hits)
+        if same_bytes_first:
+            exact = {c.item_id for c in candidates.candidates if c.content_hash == same_bytes_first}
+            hits.sort(key=lambda hit: hit.item_id not in exact)  # stable: the rest keep order
+        return hits
 
     # ---- indexing -----------------------------------------------------------------------
 
@@ -593,28 +605,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
         near.sort(key=lambda d: -d.similarity)
         return duplicates + near, unchanged
-
-    async def _same_bytes_first(
-        self,
-        hits: list[common_pb2.Hit],
-        image_hash: str,
-        catalog: str,
-        context: grpc.aio.ServicerContext,
-    ) -> list[common_pb2.Hit]:
-        """Items stored with the query's very bytes first. Query expansion and DBA rank by
-        neighbourhoods, which can put a close sibling above the image itself; a caller who
-        searches with a catalogue's own photo expects that photo first."""
-        with stage("lookup"):
-            same = await self.backends.call(
-                "retrieval",
-                self.backends.retrieval.Lookup,
-                retrieval_pb2.LookupRequest(content_hash=image_hash, limit=10, catalog=catalog),
-                context,
-            )
-        exact = {item.item_id for item in same.items}
-        if not exact:
-            return hits
-        return [h for h in hits if h.item_id in exact] + [h for h in hits if h.item_id not in exact]
 
     async def _nearest_in_new_catalog_too(
         self, request: retrieval_pb2.RetrievalSearchRequest, context: grpc.aio.ServicerContext

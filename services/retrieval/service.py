@@ -483,6 +483,7 @@ def _candidate(row: Row) -> retrieval_pb2.Candidate:
         label=row["label"],
         ann_score=row["score"],
         vector=_vector(row),
+        content_hash=row["content_hash"],
     )
     metadata.to_proto(row["metadata"], candidate.metadata)
     return candidate
