@@ -146,23 +146,22 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     def _write_item(self, catalog: str, item_id: str, rows: list[Row]) -> bool:
         """Augment the whole image's vector with its neighbours' (DBA), encode, write."""
-        whole = rows[0]
-        raw = whole.pop("unit_vector")
-        vector = raw
+        stored = np.stack([row.pop("unit_vector") for row in rows])
+        embedded = stored[:1].copy()
         k = self.settings.dba_neighbours
         if k > 0:
-            vector = self._augmented(catalog, item_id, raw, k)
-        whole[VECTOR] = codes.encode_vector(vector)
-        whole[RAW] = "" if vector is raw else codes.encode_vector(raw)
-        whole[CODE] = self.store.code_of(vector)
-        for row in rows[1:]:
-            unit = row.pop("unit_vector")
-            row[VECTOR], row[RAW], row[CODE] = (
-                codes.encode_vector(unit),
-                "",
-                self.store.code_of(unit),
-            )
+            stored[0] = self._augmented(catalog, item_id, embedded[0], k)
+        self._encode(rows, stored, embedded if k > 0 else None)
         return self.store.replace_item(catalog, item_id, rows)
+
+    def _encode(self, rows: list[Row], stored: np.ndarray, embedded: np.ndarray | None) -> None:
+        """The fields of each row's vectors: the code and full vector of what is stored, and,
+        for the first len(embedded) rows, the vector as embedded (what the DBA batch job
+        starts from); "" where the two are the same."""
+        for row, vector, code in zip(rows, stored, self.store.codes_of(stored), strict=True):
+            row[VECTOR], row[CODE], row[RAW] = codes.encode_vector(vector), code, ""
+        for row, raw in zip(rows, embedded if embedded is not None else [], strict=False):
+            row[RAW] = codes.encode_vector(raw)
 
     def _augmented(self, catalog: str, item_id: str, raw: np.ndarray, k: int) -> np.ndarray:
         try:
@@ -323,10 +322,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             return 0
         raws = np.stack([codes.decode_vector(r[RAW] or r[VECTOR]) for r in rows])
         augmented = augmentation.augment_all(raws, k, alpha) if k > 0 else raws
-        for row, raw, vector in zip(rows, raws, augmented, strict=True):
-            row[VECTOR] = codes.encode_vector(vector)
-            row[RAW] = codes.encode_vector(raw) if k > 0 else ""
-            row[CODE] = self.store.code_of(vector)
+        self._encode(rows, augmented, raws if k > 0 else None)
         self.store.write_rows(catalog, rows)
         log.info("catalogue augmented", extra={"catalog": catalog, "items": len(rows), "k": k})
         return len(rows)

@@ -253,10 +253,11 @@ class MilvusStore:
 
     # -- reads and writes --------------------------------------------------------------------
 
-    def code_of(self, vector: np.ndarray) -> bytes | list[float]:
+    def codes_of(self, vectors: np.ndarray) -> list[bytes] | list[list[float]]:
+        """What the ANN field holds for each row of `vectors` [n, dim]."""
         if self.settings.candidate_code == "binary":
-            return codes.binary_codes(vector[None, :])[0]
-        result: list[float] = np.asarray(vector, np.float32).tolist()
+            return codes.binary_codes(vectors)
+        result: list[list[float]] = np.asarray(vectors, np.float32).tolist()
         return result
 
     def item_rows(self, catalog: str, item_id: str, *, vectors: bool) -> list[Row]:
@@ -336,7 +337,7 @@ class MilvusStore:
         items are found or the catalogue runs out.
         """
         name = self.collection(catalog, create=False)
-        code = self.code_of(vector)
+        code = self.codes_of(vector[None, :])[0]
         fetch = limit
         while True:
             rows = self._search(
