@@ -364,6 +364,23 @@ async def infer_or_abort(
     raise AssertionError("unreachable: abort raises")
 
 
+class ServesModel:
+    """The lifecycle server.py drives (`start`, `watch_readiness`, `close`) for a service
+    that serves one LoadedModel: detection and embedding."""
+
+    model: LoadedModel
+
+    async def start(self) -> None:
+        await self.model.load()
+
+    async def watch_readiness(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        """Health follows the model's server (Triton) while serving; see server.py."""
+        await self.model.watch_readiness(report)
+
+    async def close(self) -> None:
+        await self.model.close()
+
+
 # The checkout's models/ folder, where models/build_models.py writes.
 REPOSITORY_IN_CHECKOUT = Path(__file__).resolve().parents[2] / "models"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -14,7 +13,12 @@ import numpy as np
 from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from services.common.config import ConfigError
 from services.common.images import EncodedImage, InvalidImage
-from services.common.inference import LoadedModel, infer_or_abort, load_model_spec
+from services.common.inference import (
+    LoadedModel,
+    ServesModel,
+    infer_or_abort,
+    load_model_spec,
+)
 from services.detection.labels import LABEL_SETS
 from services.detection.preprocess import Letterboxed, LetterboxPreprocessing
 from services.detection.settings import MAX_DETECTIONS_LIMIT, DetectionSettings
@@ -23,7 +27,7 @@ from services.detection.yolox import Detections, YoloxDecoder
 log = logging.getLogger(__name__)
 
 
-class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
+class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer):
     name = "detection"
     grpc_services = [detection_pb2.DESCRIPTOR.services_by_name["DetectionService"].full_name]
 
@@ -53,16 +57,6 @@ class DetectionService(detection_pb2_grpc.DetectionServiceServicer):
 
     def register(self, server: grpc.aio.Server) -> None:
         detection_pb2_grpc.add_DetectionServiceServicer_to_server(self, server)
-
-    async def start(self) -> None:
-        await self.model.load()
-
-    async def watch_readiness(self, report: Callable[[bool], Awaitable[None]]) -> None:
-        """Health follows the model's server (Triton) while serving; see server.py."""
-        await self.model.watch_readiness(report)
-
-    async def close(self) -> None:
-        await self.model.close()
 
     async def Describe(
         self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.common.images import InvalidImage, PixelBox
-from services.common.inference import LoadedModel, infer_or_abort, load_model_spec
+from services.common.inference import (
+    LoadedModel,
+    ServesModel,
+    infer_or_abort,
+    load_model_spec,
+)
 from services.embedding.preprocess import RegionError, StretchPreprocessing, prepare_batch
 from services.embedding.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
 
-class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
+class EmbeddingService(ServesModel, embedding_pb2_grpc.EmbeddingServiceServicer):
     name = "embedding"
     grpc_services = [embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name]
 
@@ -36,16 +40,6 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def register(self, server: grpc.aio.Server) -> None:
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self, server)
-
-    async def start(self) -> None:
-        await self.model.load()
-
-    async def watch_readiness(self, report: Callable[[bool], Awaitable[None]]) -> None:
-        """Health follows the model's server (Triton) while serving; see server.py."""
-        await self.model.watch_readiness(report)
-
-    async def close(self) -> None:
-        await self.model.close()
 
     async def Describe(
         self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext
