@@ -229,7 +229,6 @@ async def evaluate(args: argparse.Namespace) -> int:
     catalog = args.catalog or f"eval_{uuid.uuid4().hex[:8]}"
     top_k = args.top_k or min(DEFAULT_TOP_K, len(gallery) - (0 if queries else 1))
     address = gateway_address(args.gateway, args.data_dir)
-    say = _say
     async with channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         try:
@@ -329,15 +328,21 @@ async def index_gallery(
     with tqdm(total=len(gallery), unit="img", file=sys.stderr, mininterval=0.5) as bar:
         for start in range(0, len(gallery), INDEX_CHUNK):
             chunk = gallery[start : start + INDEX_CHUNK]
-            requests = [
-                gateway_pb2.IndexRequest(
-                    item_id=item.key,
-                    image=item.path.read_bytes(),
-                    detect=detect,
-                    catalog=catalog,
+            requests = []
+            for item in chunk:
+                try:
+                    image = item.path.read_bytes()
+                except OSError as error:
+                    failed.add(item.key)
+                    bar.write(
+                        f"not indexed: {item.key}: {error.strerror or error}", file=sys.stderr
+                    )
+                    continue
+                requests.append(
+                    gateway_pb2.IndexRequest(
+                        item_id=item.key, image=image, detect=detect, catalog=catalog
+                    )
                 )
-                for item in chunk
-            ]
             reply = await stub.IndexStream(iter(requests))
             for result in reply.results:
                 if result.code != 0:
@@ -366,18 +371,30 @@ async def run_queries(
     per_query: list[dict[str, float]] = []
     latencies: list[float] = []
     skipped = 0
-    for query in tqdm(todo, unit="query", file=sys.stderr, mininterval=0.5):
+    bar = tqdm(todo, unit="query", file=sys.stderr, mininterval=0.5)
+    for query in bar:
         relevant = class_sizes.get(query.label, 0) - (0 if held_out else 1)
         if relevant <= 0:
             skipped += 1
             continue
         request = gateway_pb2.SearchRequest(top_k=top_k, catalog=catalog, candidates=candidates)
-        if held_out:
-            request.image = query.path.read_bytes()
-        else:
-            request.item_id = query.key
-        started = time.perf_counter()
-        reply = await stub.Search(request)
+        try:
+            if held_out:
+                request.image = query.path.read_bytes()
+            else:
+                request.item_id = query.key
+            started = time.perf_counter()
+            reply = await stub.Search(request)
+        except (OSError, grpc.aio.AioRpcError) as error:
+            # An unreadable or undecodable query image is skipped; anything else ends the run.
+            if isinstance(error, grpc.aio.AioRpcError) and (
+                error.code() != grpc.StatusCode.INVALID_ARGUMENT
+            ):
+                raise
+            skipped += 1
+            reason = error.details() if isinstance(error, grpc.aio.AioRpcError) else error
+            bar.write(f"query skipped: {query.key}: {reason}", file=sys.stderr)
+            continue
         latencies.append(time.perf_counter() - started)
         ranked = [label_of.get(hit.item_id) == query.label for hit in reply.results]
         per_query.append(query_metrics(ranked, relevant))
@@ -413,5 +430,5 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
