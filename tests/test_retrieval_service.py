@@ -477,3 +477,18 @@ def test_augmentation_refreshes_itself_once_writes_pause(tmp_path: Path) -> None
         else:
             raise AssertionError("the automatic DBA refresh did not run")
     drop(settings)
+
+
+def test_batch_augmentation_refuses_a_catalogue_over_its_limit(tmp_path: Path) -> None:
+    settings = dataclasses.replace(settings_for(tmp_path, dba=1), dba_batch_max_items=1)
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        stub.Upsert(r.UpsertRequest(item=item("cap-a")))
+        stub.Upsert(r.UpsertRequest(item=item("cap-b")))
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Augment(r.AugmentRequest())
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "LOUPE_DBA_BATCH_MAX_ITEMS" in error.value.details()
+        # The service goes on: the items are there, searches work.
+        assert len(search(stub, item("q").objects[0].vector)) == 2
+    drop(settings)

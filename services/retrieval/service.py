@@ -56,6 +56,10 @@ class InvalidRequest(ValueError):
     """The caller's request is malformed; the message says what to fix."""
 
 
+class CatalogTooLarge(Exception):
+    """A whole-catalogue job would not fit; the message names the limit."""
+
+
 CALLER_ERRORS = (InvalidRequest, InvalidFilter, InvalidMetadata, InvalidCatalog)
 
 
@@ -72,6 +76,8 @@ def _rpc(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except CatalogNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except CatalogTooLarge as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         raise AssertionError("unreachable: abort raises")
@@ -133,7 +139,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             async with self.gate.exclusive(catalog):
                 items = await asyncio.to_thread(self.store.count, catalog, "object_index == 0")
                 written = self._written.get(catalog, 0)
-                if not 0 < items <= self.settings.dba_refresh_max_items:
+                if not 0 < items <= self.settings.dba_batch_max_items:
                     return
                 if written < max(1.0, self.settings.dba_refresh_growth * items):
                     return
@@ -310,6 +316,13 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             raise InvalidRequest(f"neighbours={k}, alpha={alpha}: expected 0-100 each")
         started = time.perf_counter()
         async with self.gate.exclusive(catalog):
+            items = await asyncio.to_thread(self.store.count, catalog, "object_index == 0")
+            if items > self.settings.dba_batch_max_items:
+                raise CatalogTooLarge(
+                    f"catalog {catalog!r} has {items} items; the batch DBA holds every vector "
+                    f"in memory and runs on at most {self.settings.dba_batch_max_items} "
+                    "(LOUPE_DBA_BATCH_MAX_ITEMS)"
+                )
             self._written[catalog] = 0
             items = await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
         return retrieval_pb2.AugmentResponse(items=items, seconds=time.perf_counter() - started)

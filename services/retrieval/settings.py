@@ -51,10 +51,11 @@ class RetrievalSettings:
     dba_neighbours: int
     dba_alpha: float
     # The batch DBA runs by itself once writes pause this long and at least `growth` x items
-    # were written since it last ran, on catalogues of at most `max_items` (0 s = never).
+    # were written since it last ran (0 s = never); it runs, by itself or when asked, only on
+    # catalogues of at most `batch_max_items` (an exact n^2 neighbour search in memory).
     dba_refresh_seconds: float
     dba_refresh_growth: float
-    dba_refresh_max_items: int
+    dba_batch_max_items: int
 
     @property
     def is_lite(self) -> bool:
@@ -103,8 +104,8 @@ class RetrievalSettings:
             dba_refresh_growth=env_float(
                 "LOUPE_DBA_REFRESH_GROWTH", 0.05, minimum=0.0, maximum=100.0
             ),
-            dba_refresh_max_items=env_int(
-                "LOUPE_DBA_REFRESH_MAX_ITEMS", 20000, minimum=0, maximum=10_000_000
+            dba_batch_max_items=env_int(
+                "LOUPE_DBA_BATCH_MAX_ITEMS", 20000, minimum=0, maximum=10_000_000
             ),
         )
 
