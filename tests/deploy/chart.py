@@ -30,6 +30,8 @@ PROFILES = {
     "default": (),
     "dev": ("values-dev.yaml",),
     "gpu": ("values-gpu.yaml",),
+    # CI cases (ci/<case>-values.yaml on top of the defaults), rendered by tools/check_helm.sh too.
+    "ci-index-job": ("ci/index-job-values.yaml",),
 }
 SERVICES = ("gateway", "detection", "embedding", "retrieval", "ranking")
 

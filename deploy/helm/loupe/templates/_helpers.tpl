@@ -84,6 +84,33 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
+{{/* host:port of the release's gateway Service (its gRPC port), as in-cluster clients dial it. */}}
+{{- define "loupe.gatewayAddress" -}}
+{{- printf "%s:%v" (include "loupe.componentName" (list . "gateway")) .Values.services.gateway.service.port }}
+{{- end }}
+
+{{/*
+Name of the index Job: "<fullname>-index-job", plus "-<indexJob.runId>" when set, so that a new
+runId is a new Job (a Job's pod template cannot be changed in place).
+*/}}
+{{- define "loupe.indexJobName" -}}
+{{- $name := include "loupe.componentName" (list . "index-job") }}
+{{- with .Values.indexJob.runId | default "" | toString }}
+{{- $name = printf "%s-%s" $name . }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/* The index Job's ServiceAccount: its own when indexJob.serviceAccount says so, else the release's. */}}
+{{- define "loupe.indexJobServiceAccountName" -}}
+{{- $sa := .Values.indexJob.serviceAccount }}
+{{- if $sa.create }}
+{{- default (include "loupe.componentName" (list . "index-job")) $sa.name }}
+{{- else }}
+{{- default (include "loupe.serviceAccountName" .) $sa.name }}
+{{- end }}
+{{- end }}
+
 {{- define "loupe.secretName" -}}
 {{- default (include "loupe.fullname" .) .Values.secrets.existingSecret }}
 {{- end }}
@@ -250,6 +277,32 @@ Usage: include "loupe.topologySpread" (list $ "gateway" $constraints)
 {{- end }}
 {{- if and .Values.secrets.existingSecret (or .Values.secrets.redisPassword .Values.secrets.milvusToken) }}
 {{- fail "secrets.existingSecret is set: put the Redis password and Milvus token in that Secret, not in secrets.redisPassword / secrets.milvusToken" }}
+{{- end }}
+{{- if .Values.indexJob.enabled }}
+{{- $job := .Values.indexJob }}
+{{- if not $job.manifest }}
+{{- fail "indexJob.enabled=true needs indexJob.manifest: the URI of the CSV or Parquet manifest (s3://, gs://, https:// or a path in the image)" }}
+{{- end }}
+{{- /* Kubernetes caps an Indexed Job with per-index retries at 100000 completions. */}}
+{{- if or (lt (int64 $job.shards) 1) (gt (int64 $job.shards) 100000) }}
+{{- fail (printf "indexJob.shards=%v: expected 1 to 100000 shards" $job.shards) }}
+{{- end }}
+{{- if lt (int64 $job.parallelism) 1 }}
+{{- fail (printf "indexJob.parallelism=%v: expected at least 1 (set indexJob.suspend=true to pause)" $job.parallelism) }}
+{{- end }}
+{{- range $key := list "backoffLimitPerIndex" "maxFailedIndexes" "backoffLimit" }}
+{{- if lt (int64 (index $job $key)) 0 }}
+{{- fail (printf "indexJob.%s=%v: expected 0 or more" $key (index $job $key)) }}
+{{- end }}
+{{- end }}
+{{- $runId := $job.runId | default "" | toString }}
+{{- if and $runId (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $runId)) }}
+{{- fail (printf "indexJob.runId=%q: use lower-case letters, digits and '-' (it ends the Job's name)" $runId) }}
+{{- end }}
+{{- $name := include "loupe.indexJobName" . }}
+{{- if gt (len $name) 63 }}
+{{- fail (printf "indexJob: the Job name %q is longer than 63 characters; shorten indexJob.runId (or fullnameOverride)" $name) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
