@@ -6,7 +6,6 @@ server instead; each run then uses collections of its own and drops them afterwa
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import time
@@ -21,13 +20,16 @@ import pytest
 from loupe.v1 import common_pb2 as c
 from loupe.v1 import retrieval_pb2 as r
 from loupe.v1 import retrieval_pb2_grpc
-from services.common.config import ConfigError
+from services.common import vectors
+from services.retrieval import augmentation, dba
 from services.retrieval.service import RetrievalService
 from services.retrieval.settings import RetrievalSettings
 from tests.support import serving
 
 # Enough bits that random vectors' binary codes do not collide.
 DIM = 64
+# Stored vectors are int8 with a scale, and candidate vectors travel as float16.
+STORED = 0.01
 SERVER_URI = os.environ.get("LOUPE_TEST_MILVUS_URI", "")
 HOSTILE = [
     'x" or item_id != "',
@@ -61,6 +63,9 @@ def settings_for(data_dir: Path, code: str = "binary", dba: int = 0) -> Retrieva
         dba_neighbours=dba,
         dba_alpha=0.0,
         dba_refresh_seconds=0.0,
+        # These tests read their own writes at once; a server's default (Bounded) may not.
+        read_consistency="Strong",
+        redis_url="",
     )
 
 
@@ -130,6 +135,17 @@ def search(stub, query: c.Vector, limit: int = 50, **kwargs) -> list[r.Candidate
     return list(stub.Search(request).candidates)
 
 
+def search_vectors(stub, query: c.Vector, limit: int = 50, **kwargs) -> dict[str, np.ndarray]:
+    """Candidate (item_id, object_index) -> its vector, from the packed matrix."""
+    request = r.RetrievalSearchRequest(query=query, limit=limit, include_vectors=True, **kwargs)
+    reply = stub.Search(request)
+    matrix = vectors.unpack(reply.vectors, len(reply.candidates))
+    return {
+        f"{x.item_id}#{x.object_index}": row
+        for x, row in zip(reply.candidates, matrix, strict=True)
+    }
+
+
 def lookup(stub, item_id: str, include_vectors: bool = False) -> list[r.StoredItem]:
     request = r.LookupRequest(item_id=item_id, include_vectors=include_vectors)
     return list(stub.Lookup(request).items)
@@ -140,13 +156,17 @@ def test_upsert_then_search_finds_it(stub) -> None:
     response = stub.Upsert(r.UpsertRequest(item=stored))
     assert (response.rows, response.replaced) == (2, False)
 
-    best = search(stub, stored.objects[1].vector, include_vectors=True)[0]
+    best = search(stub, stored.objects[1].vector)[0]
     assert (best.item_id, best.object_index, best.label) == ("raw/1", 1, "bag")
-    assert best.ann_score == pytest.approx(1.0, abs=1e-5)
+    # Re-scored with the stored (int8) vector: the cosine, not a code's estimate.
+    assert best.ann_score == pytest.approx(1.0, abs=1e-3)
     assert (best.box.x0, best.box.y0, best.box.x1, best.box.y1) == (1, 2, 51, 60)
-    assert list(best.vector.values) == pytest.approx(list(stored.objects[1].vector.values))
     assert best.metadata["popularity"].number_value == 7
-    assert not search(stub, stored.objects[0].vector)[0].vector.values
+    assert not best.HasField("vector")
+    packed = search_vectors(stub, stored.objects[1].vector)
+    assert packed["raw/1#1"] == pytest.approx(list(stored.objects[1].vector.values), abs=STORED)
+    reply = stub.Search(r.RetrievalSearchRequest(query=stored.objects[0].vector, limit=5))
+    assert not reply.HasField("vectors")
 
     (found,) = lookup(stub, "raw/1", include_vectors=True)
     assert found.content_hash == "hash-raw/1" and found.model_version == "test-1"
@@ -154,7 +174,9 @@ def test_upsert_then_search_finds_it(stub) -> None:
     assert [o.object_index for o in found.objects] == [0, 1]
     assert not found.objects[0].HasField("box")
     assert found.objects[1].box.x1 == 51 and found.objects[1].detection_score == 0.5
-    assert len(found.objects[0].vector.values) == DIM
+    assert list(found.objects[0].vector.values) == pytest.approx(
+        list(stored.objects[0].vector.values), abs=STORED
+    )
     assert not lookup(stub, "raw/1")[0].objects[0].vector.values
 
 
@@ -168,7 +190,7 @@ def test_reupsert_with_fewer_objects_removes_extra_rows(stub) -> None:
     (found,) = lookup(stub, "shrink", include_vectors=True)
     assert [o.object_index for o in found.objects] == [0]
     assert list(found.objects[0].vector.values) == pytest.approx(
-        list(smaller.objects[0].vector.values)
+        list(smaller.objects[0].vector.values), abs=STORED
     )
     assert [(x.item_id, x.object_index) for x in search(stub, vector(), filter=only("shrink"))] == [
         ("shrink", 0)
@@ -234,6 +256,22 @@ def test_filters_match_hostile_strings_literally(stub) -> None:
     assert found(c.Condition(field="missing", equals=c.Value(string_value="x"))) == set()
 
 
+def test_ids_with_quotes_are_written_replaced_and_deleted(stub) -> None:
+    """milvus-lite's delete and upsert cannot match a primary key with a ' in it: row keys
+    encode it, so such an item is replaced and deleted like any other."""
+    for item_id in ("it's.jpg", 'say "cheese"', "100%'s", "a\\b"):
+        first = item(item_id, objects=3, metadata=suite("quotes"))
+        assert stub.Upsert(r.UpsertRequest(item=first)).rows == 3
+        second = item(item_id, objects=1, metadata=suite("quotes"))
+        assert stub.Upsert(r.UpsertRequest(item=second)).replaced
+        (found,) = lookup(stub, item_id)
+        assert (found.item_id, len(found.objects)) == (item_id, 1)
+        hits = search(stub, second.objects[0].vector, filter=only("quotes"))
+        assert hits[0].item_id == item_id
+        assert stub.Delete(r.DeleteItemRequest(item_id=item_id)).rows_deleted == 1
+        assert lookup(stub, item_id) == []
+
+
 def test_exclude_item_ids(stub) -> None:
     for item_id in ('ex"1', "ex-2", "ex-3"):
         stub.Upsert(r.UpsertRequest(item=item(item_id, metadata=suite("exclude"))))
@@ -256,7 +294,7 @@ def test_whole_images_only(stub) -> None:
         (
             "Search",
             r.RetrievalSearchRequest(query=c.Vector(values=[1.0] * 3), limit=5),
-            f"expected {DIM}",
+            f"holds {DIM}-d vectors; got 3-d",
         ),
         ("Search", r.RetrievalSearchRequest(query=c.Vector(values=[1.0] * DIM)), "limit=0"),
         (
@@ -318,12 +356,18 @@ def test_stats(stub) -> None:
     assert stats.rows >= 2 and stats.items >= 1 and stats.catalog == "default"
     assert stats.dimension == DIM and stats.full_vector_bytes == 4 * DIM
     assert stats.collection.endswith("__default")
+    # Stored vectors: a float32 scale and one byte a dimension.
+    assert stats.stored_vector_bytes == 4 + DIM
+    assert stats.vector_store == ("fields" if SERVER_URI else "sidecar")
+    # Candidates come back re-scored by their full vectors either way.
+    assert stats.exact_scores
     if stats.candidate_code == "binary":
-        # One bit per dimension: 1/32 of the float32 vector; scores are estimates.
-        assert (stats.index_type, stats.code_bytes, stats.exact_scores) == ("BIN_FLAT", 8, False)
+        # One bit per dimension: 1/32 of the float32 vector, oversampled and re-scored.
+        assert (stats.index_type, stats.code_bytes, stats.code) == ("BIN_FLAT", 8, "simhash-v2")
+        assert stats.oversampling == 10
     else:
-        # FLAT scores with the raw vectors: nothing to gain from re-scoring them.
-        assert (stats.index_type, stats.code_bytes, stats.exact_scores) == ("FLAT", 4 * DIM, True)
+        assert (stats.index_type, stats.code_bytes, stats.code) == ("FLAT", 4 * DIM, "float")
+        assert stats.oversampling == 1
 
 
 def test_catalogues_are_separate(stub) -> None:
@@ -392,14 +436,180 @@ def test_restart_keeps_data(tmp_path: Path) -> None:
     drop(settings)
 
 
-def test_another_dimension_stops_start_up(tmp_path: Path) -> None:
+def test_a_catalogue_keeps_its_layout_beside_new_settings(tmp_path: Path) -> None:
+    """Settings shape new catalogues; one made before keeps its code and dimension, so a new
+    configuration can be tried in a new catalogue beside it."""
     settings = settings_for(tmp_path)
-    with serving(RetrievalService(settings)):
-        pass
-    service = RetrievalService(dataclasses.replace(settings, dim=DIM * 2))
-    with pytest.raises(ConfigError, match=f"not made by this configuration.*DIM={DIM * 2}"):
-        asyncio.run(service.start())
-    asyncio.run(service.close())
+    old = item("kept-binary", objects=2)
+    with serving(RetrievalService(settings)) as channel:
+        retrieval_pb2_grpc.RetrievalServiceStub(channel).Upsert(r.UpsertRequest(item=old))
+    wider = dataclasses.replace(settings, dim=2 * DIM, candidate_code="float", index_type="FLAT")
+    with serving(RetrievalService(wider)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        assert search(stub, old.objects[0].vector)[0].item_id == "kept-binary"
+        assert stub.Stats(r.StatsRequest()).code == "simhash-v2"
+        # The old catalogue still takes its own dimension.
+        assert stub.Upsert(r.UpsertRequest(item=item("still-64"))).written
+        wide = r.StoredItem(item_id="wide", content_hash="w", model_version="m")
+        values = rng.standard_normal(2 * DIM)
+        wide.objects.add(object_index=0, vector=c.Vector(values=values.tolist()))
+        stub.Upsert(r.UpsertRequest(item=wide, catalog="wide"))
+        assert stub.Stats(r.StatsRequest(catalog="wide")).code == "float"
+        assert search(stub, wide.objects[0].vector, catalog="wide")[0].item_id == "wide"
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Upsert(r.UpsertRequest(item=wide))  # 128-d into the 64-d catalogue
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{2 * DIM} values; expected {DIM}" in error.value.details()
+    drop(settings)
+
+
+def test_a_catalogue_made_before_layouts_is_adopted(tmp_path: Path) -> None:
+    """A collection written by the Loupe before this one (float32 vectors as base64 text in
+    the rows, simhash-v1 codes, no source_uri) is read, searched and written without a
+    rewrite."""
+    from pymilvus import DataType, MilvusClient
+
+    from services.retrieval import codes
+
+    settings = settings_for(tmp_path)
+    client = MilvusClient(uri=settings.milvus_uri)
+    name = f"{settings.collection_prefix}__legacy"
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2100)
+    schema.add_field("item_id", DataType.VARCHAR, max_length=2048)
+    schema.add_field("object_index", DataType.INT32)
+    schema.add_field("label", DataType.VARCHAR, max_length=64)
+    schema.add_field("detection_score", DataType.FLOAT)
+    schema.add_field("box", DataType.JSON)
+    schema.add_field("code", DataType.BINARY_VECTOR, dim=DIM)
+    schema.add_field("vector", DataType.VARCHAR, max_length=codes.encoded_length(DIM))
+    schema.add_field("raw", DataType.VARCHAR, max_length=codes.encoded_length(DIM))
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+    schema.add_field("model_version", DataType.VARCHAR, max_length=64)
+    schema.add_field("image_width", DataType.INT32)
+    schema.add_field("image_height", DataType.INT32)
+    client.create_collection(name, schema=schema, consistency_level="Strong")
+    index = client.prepare_index_params()
+    index.add_index("code", index_type="BIN_FLAT", metric_type="HAMMING")
+    client.create_index(name, index)
+    client.load_collection(name)
+    old = np.asarray(vector().values, np.float32)
+    client.insert(
+        name,
+        [
+            {
+                "pk": "old#0",
+                "item_id": "old",
+                "object_index": 0,
+                "label": "",
+                "detection_score": 0.0,
+                "box": {},
+                "code": codes.binary_codes(old[None, :])[0],
+                "vector": codes.encode_vector(old),
+                "raw": "",
+                "metadata": {"suite": "legacy"},
+                "content_hash": "h-old",
+                "model_version": "embedder/1",
+                "image_width": 1,
+                "image_height": 1,
+            }
+        ],
+    )
+    client.close()
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        stats = stub.Stats(r.StatsRequest(catalog="legacy"))
+        assert (stats.code, stats.vector_store, stats.stored_vector_bytes) == (
+            "simhash-v1",
+            "fields",
+            4 * DIM,
+        )
+        (found,) = stub.Lookup(
+            r.LookupRequest(item_id="old", catalog="legacy", include_vectors=True)
+        ).items
+        assert list(found.objects[0].vector.values) == pytest.approx(old.tolist(), abs=1e-6)
+        query = c.Vector(values=old.tolist())
+        assert search(stub, query, catalog="legacy")[0].item_id == "old"
+        new = item("new", metadata=suite("legacy"))
+        new.source_uri = "/photos/new.jpg"
+        stub.Upsert(r.UpsertRequest(item=new, catalog="legacy"))
+        assert {x.item_id for x in search(stub, query, catalog="legacy")} == {"old", "new"}
+        (again,) = stub.Lookup(r.LookupRequest(item_id="new", catalog="legacy")).items
+        assert again.source_uri == ""  # the old schema has no field for it
+    drop(settings)
+
+
+def test_a_reader_replica_refuses_writes(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    with serving(RetrievalService(settings)) as channel:
+        retrieval_pb2_grpc.RetrievalServiceStub(channel).Upsert(
+            r.UpsertRequest(item=item("read-me"))
+        )
+    with serving(RetrievalService(dataclasses.replace(settings, role="reader"))) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        assert lookup(stub, "read-me")
+        for call, request_ in (
+            ("Upsert", r.UpsertRequest(item=item("x"))),
+            ("Delete", r.DeleteItemRequest(item_id="read-me")),
+            ("Augment", r.AugmentRequest()),
+            ("DropCatalog", r.RetrievalDropCatalogRequest(catalog="default")),
+        ):
+            with pytest.raises(grpc.RpcError) as error:
+                getattr(stub, call)(request_)
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "LOUPE_RETRIEVAL_WRITER_ADDR" in error.value.details()
+        assert lookup(stub, "read-me")
+    drop(settings)
+
+
+def test_concurrent_upserts_are_written_in_batches(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.retrieval.writes import BATCH_ITEMS
+
+    settings = settings_for(tmp_path)
+    before = BATCH_ITEMS.collect()[0].samples
+    count_before = next(s.value for s in before if s.name.endswith("_count"))
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        items = [item(f"batch-{k}", metadata=suite("batch")) for k in range(64)]
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda x: stub.Upsert(r.UpsertRequest(item=x)), items))
+        assert all(reply.written and reply.rows == 1 for reply in replies)
+        assert len(search(stub, vector(), limit=100, filter=only("batch"))) == 64
+    after = BATCH_ITEMS.collect()[0].samples
+    batches = next(s.value for s in after if s.name.endswith("_count")) - count_before
+    assert batches < 64, "32 calls in flight should share batches"
+    drop(settings)
+
+
+def test_duplicates_are_found_by_the_write_itself(tmp_path: Path) -> None:
+    """Same bytes (content hash) and a near vector are reported by Upsert; with
+    skip_duplicates nothing is written."""
+    settings = settings_for(tmp_path, dba=2)
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        original = item("orig")
+        stub.Upsert(r.UpsertRequest(item=original))
+        copy = item("copy")
+        copy.content_hash = original.content_hash
+        reply = stub.Upsert(r.UpsertRequest(item=copy, near_duplicate_threshold=0.9))
+        assert [(d.item_id, d.exact) for d in reply.duplicates][:1] == [("orig", True)]
+        near = item("near")
+        base = np.asarray(original.objects[0].vector.values)
+        near.objects[0].vector.CopyFrom(
+            c.Vector(values=(base + 0.05 * rng.standard_normal(DIM) / np.sqrt(DIM)).tolist())
+        )
+        reply = stub.Upsert(
+            r.UpsertRequest(item=near, near_duplicate_threshold=0.95, skip_duplicates=True)
+        )
+        assert not reply.written and reply.rows == 0
+        assert [(d.item_id, d.exact) for d in reply.duplicates][0] == ("orig", False)
+        assert reply.duplicates[0].similarity > 0.95
+        assert lookup(stub, "near") == []
+        # The same item again, same bytes: the write says so.
+        assert stub.Upsert(r.UpsertRequest(item=original)).same_content
     drop(settings)
 
 
@@ -435,22 +645,50 @@ def test_database_side_augmentation(tmp_path: Path) -> None:
         stub.Upsert(r.UpsertRequest(item=a))  # nothing to augment with yet
         stub.Upsert(r.UpsertRequest(item=b))
         stored = {i: lookup(stub, i, include_vectors=True)[0] for i in ("dba-a", "dba-b")}
-        assert list(stored["dba-a"].objects[0].vector.values) == pytest.approx(unit(va), abs=1e-6)
+        assert list(stored["dba-a"].objects[0].vector.values) == pytest.approx(unit(va), abs=STORED)
         assert list(stored["dba-b"].objects[0].vector.values) == pytest.approx(
-            unit(va + vb), abs=1e-6
+            unit(va + vb), abs=STORED
         )
-        raw = search(stub, a.objects[0].vector, include_vectors=True, raw_vectors=True)
-        by_id = {x.item_id: list(x.vector.values) for x in raw}
-        assert by_id["dba-b"] == pytest.approx(unit(vb), abs=1e-6)
+        # Duplicates are judged on the vectors as embedded: b again is b, not b's average.
+        again = item("dba-b-again")
+        again.objects[0].vector.CopyFrom(b.objects[0].vector)
+        reply = stub.Upsert(r.UpsertRequest(item=again, near_duplicate_threshold=0.999))
+        assert [d.item_id for d in reply.duplicates] == ["dba-b"]
+        stub.Delete(r.DeleteItemRequest(item_id="dba-b-again"))
 
         reply = stub.Augment(r.AugmentRequest())
         assert reply.items == 2
         (after,) = lookup(stub, "dba-a", include_vectors=True)
-        assert list(after.objects[0].vector.values) == pytest.approx(unit(va + vb), abs=1e-6)
+        assert list(after.objects[0].vector.values) == pytest.approx(unit(va + vb), abs=STORED)
         # The batch job starts from the vectors as embedded: running it again changes nothing.
         stub.Augment(r.AugmentRequest())
-        (again,) = lookup(stub, "dba-b", include_vectors=True)
-        assert list(again.objects[0].vector.values) == pytest.approx(unit(va + vb), abs=1e-6)
+        (again_b,) = lookup(stub, "dba-b", include_vectors=True)
+        assert list(again_b.objects[0].vector.values) == pytest.approx(unit(va + vb), abs=STORED)
+    drop(settings)
+
+
+def test_batch_augmentation_pages_through_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch job works a page at a time with neighbours from the index, whatever the
+    catalogue's size; on a catalogue small enough for its shortlist to see every item, it
+    matches the exact n^2 computation."""
+    monkeypatch.setattr(dba, "PAGE", 16)
+    settings = dataclasses.replace(settings_for(tmp_path, dba=3), dba_alpha=3.0)
+    embedded = augmentation.normalise(rng.standard_normal((40, DIM))).astype(np.float32)
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        for k, values in enumerate(embedded):
+            stored = r.StoredItem(item_id=f"page-{k:02d}", content_hash=f"p{k}", model_version="m")
+            stored.objects.add(object_index=0, vector=c.Vector(values=values.tolist()))
+            stub.Upsert(r.UpsertRequest(item=stored))
+        assert stub.Augment(r.AugmentRequest()).items == 40
+        expected = augmentation.augment_all(embedded, 3, 3.0)
+        for k in range(40):
+            (found,) = lookup(stub, f"page-{k:02d}", include_vectors=True)
+            assert list(found.objects[0].vector.values) == pytest.approx(
+                expected[k].tolist(), abs=2 * STORED
+            )
     drop(settings)
 
 
@@ -471,7 +709,7 @@ def test_augmentation_refreshes_itself_once_writes_pause(tmp_path: Path) -> None
             # job rewrites the catalogue, may miss the row for a moment.
             found = lookup(stub, "auto-a", include_vectors=True)
             vector = found[0].objects[0].vector.values if found else []
-            if found and np.allclose(vector, both / np.linalg.norm(both), atol=1e-6):
+            if found and np.allclose(vector, both / np.linalg.norm(both), atol=STORED):
                 break
             time.sleep(0.1)
         else:
@@ -479,16 +717,25 @@ def test_augmentation_refreshes_itself_once_writes_pause(tmp_path: Path) -> None
     drop(settings)
 
 
-def test_batch_augmentation_refuses_a_catalogue_over_its_limit(tmp_path: Path) -> None:
-    settings = dataclasses.replace(settings_for(tmp_path, dba=1), dba_batch_max_items=1)
-    with serving(RetrievalService(settings)) as channel:
-        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-        stub.Upsert(r.UpsertRequest(item=item("cap-a")))
-        stub.Upsert(r.UpsertRequest(item=item("cap-b")))
-        with pytest.raises(grpc.RpcError) as error:
-            stub.Augment(r.AugmentRequest())
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "LOUPE_DBA_BATCH_MAX_ITEMS" in error.value.details()
-        # The service goes on: the items are there, searches work.
-        assert len(search(stub, item("q").objects[0].vector)) == 2
-    drop(settings)
+def test_update_item_keeps_vectors(stub) -> None:
+    stored = item("update-me", objects=2, metadata=suite("update"))
+    stub.Upsert(r.UpsertRequest(item=stored))
+    before = lookup(stub, "update-me", include_vectors=True)[0]
+    reply = stub.UpdateItem(
+        r.UpdateItemRequest(
+            item_id="update-me",
+            metadata={**suite("update"), "price": c.Value(number_value=9)},
+            source_uri="s3://bucket/update-me.jpg",
+        )
+    )
+    assert reply.found
+    after = lookup(stub, "update-me", include_vectors=True)[0]
+    assert after.metadata["price"].number_value == 9
+    assert after.source_uri == "s3://bucket/update-me.jpg"
+    for old, new in zip(before.objects, after.objects, strict=True):
+        assert list(new.vector.values) == pytest.approx(list(old.vector.values), abs=1e-6)
+    priced = c.Condition(field="price", range=c.Range(gte=9))
+    assert {x.item_id for x in search(stub, vector(), filter=only("update", priced))} == {
+        "update-me"
+    }
+    assert not stub.UpdateItem(r.UpdateItemRequest(item_id="nobody")).found

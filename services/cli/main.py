@@ -2,6 +2,7 @@
 
     loupe up [--data-dir DIR]            start redis-server and the five services
     loupe index PATH... [--detect]       index image files and folders (recursively)
+    loupe index --manifest FILE          index what a CSV or Parquet manifest lists (any URI)
     loupe search IMAGE... [--box x0,y0,x1,y1] [--objects] [--top-k K] [--json]
     loupe search --item ID               more like an indexed item
     loupe catalogs list|drop|augment     manage catalogues (--catalog NAME elsewhere)
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
+import os
 import runpy
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,83 +31,27 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from loupe.v1 import common_pb2, detection_pb2, gateway_pb2, gateway_pb2_grpc
+from loupe.v1 import detection_pb2, gateway_pb2, gateway_pb2_grpc
 from services.cli import eval_detection, eval_retrieval, output, stack
 from services.cli.client import DEFAULT_DATA_DIR, channel, gateway_address
+from services.cli.parsing import (
+    MAX_IMAGE_BYTES,
+    UsageError,
+    parse_box,
+    parse_metadata,
+    parse_where,
+)
 
 INDEX_CHUNK = 32
 INDEX_STREAMS_IN_FLIGHT = 2
 SEARCHES_IN_FLIGHT = 4
-# Below the gateway's default LOUPE_MAX_MESSAGE_BYTES (32 MiB), leaving room for metadata.
-MAX_IMAGE_BYTES = 30 << 20
-
-
-class UsageError(Exception):
-    pass
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# ---- argument parsing -------------------------------------------------------------------
-
-
-def parse_value(text: str) -> common_pb2.Value:
-    """`true`/`false` are booleans, anything float() reads is a number, "quoted" is a string."""
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        return common_pb2.Value(string_value=text[1:-1])
-    if text in ("true", "false"):
-        return common_pb2.Value(bool_value=text == "true")
-    try:
-        return common_pb2.Value(number_value=float(text))
-    except ValueError:
-        return common_pb2.Value(string_value=text)
-
-
-def parse_metadata(pairs: list[str]) -> dict[str, common_pb2.Value]:
-    metadata = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--meta {pair!r}: expected KEY=VALUE")
-        metadata[key] = parse_value(value)
-    return metadata
-
-
-def parse_where(conditions: list[str]) -> common_pb2.Filter:
-    """KEY=V, KEY!=V, KEY=V1|V2 (any of), KEY>=N, KEY>N, KEY<=N, KEY<N; all must hold."""
-    result = common_pb2.Filter()
-    for text in conditions:
-        for op in ("!=", ">=", "<=", "=", ">", "<"):
-            key, sep, value = text.partition(op)
-            if sep and key and value:
-                break
-        else:
-            raise UsageError(f"--where {text!r}: expected KEY=VALUE, KEY!=VALUE, KEY>=N, ...")
-        condition = result.all.add(field=key)
-        if op == "=" and "|" in value:
-            condition.any_of.values.extend(parse_value(v) for v in value.split("|"))
-        elif op == "=":
-            condition.equals.CopyFrom(parse_value(value))
-        elif op == "!=":
-            condition.not_equals.CopyFrom(parse_value(value))
-        else:
-            try:
-                number = float(value)
-            except ValueError:
-                raise UsageError(f"--where {text!r}: {op} needs a number") from None
-            bound = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}[op]
-            setattr(condition.range, bound, number)
-    return result
-
-
-def parse_box(text: str) -> common_pb2.Box:
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--box {text!r}: expected x0,y0,x1,y1 in pixels") from None
-    return common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1)
+# ---- files ------------------------------------------------------------------------------
 
 
 def image_files(paths: list[str]) -> Iterator[tuple[Path, str]]:
@@ -152,7 +100,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(h in ("SERVING", "UP") for _, _, h in rows) else 1
 
 
+def index_response_json(response: gateway_pb2.IndexResponse) -> dict[str, Any]:
+    """What `loupe index --json` prints for an item the gateway answered."""
+    return {
+        "item_id": response.item_id,
+        "indexed": response.indexed,
+        "unchanged": response.unchanged,
+        "objects": [
+            {"label": o.label, "score": round(o.score, 4), "box": output.box_list(o.box)}
+            for o in response.objects
+        ],
+        "duplicates": [
+            {
+                "item_id": d.item_id,
+                "kind": gateway_pb2.Duplicate.Kind.Name(d.kind).lower(),
+                "similarity": round(d.similarity, 6),
+            }
+            for d in response.duplicates
+        ],
+    }
+
+
+def duplicates_text(response: gateway_pb2.IndexResponse) -> str:
+    others = ", ".join(
+        f"{d.item_id} ({gateway_pb2.Duplicate.Kind.Name(d.kind).lower()} {d.similarity:.3f})"
+        for d in response.duplicates
+    )
+    return f"duplicate: {response.item_id} ~ {others}"
+
+
 async def cmd_index(args: argparse.Namespace) -> int:
+    if bool(args.paths) == bool(args.manifest):
+        raise UsageError("give PATHs or --manifest FILE (not both)")
+    if args.manifest:
+        return await cmd_index_manifest(args)
+    only_manifest = [
+        flag
+        for flag, value in (
+            ("--shard", args.shard),
+            ("--id-column", args.id_column != "item_id"),
+            ("--uri-column", args.uri_column != "uri"),
+        )
+        if value
+    ]
+    if only_manifest:
+        raise UsageError(f"{only_manifest[0]} applies to --manifest only")
     files = list(image_files(args.paths))
     metadata = parse_metadata(args.meta)
     address = gateway_address(args.gateway)
@@ -175,36 +167,11 @@ async def cmd_index(args: argparse.Namespace) -> int:
         if response is not None and response.duplicates:
             counts["duplicates"] += 1
             if not args.json:
-                others = ", ".join(
-                    f"{d.item_id} ({gateway_pb2.Duplicate.Kind.Name(d.kind).lower()} "
-                    f"{d.similarity:.3f})"
-                    for d in response.duplicates
-                )
-                bar.write(f"duplicate: {response.item_id} ~ {others}", file=sys.stderr)
+                bar.write(duplicates_text(response), file=sys.stderr)
         if args.json:
             entry: dict[str, Any] = {"path": str(path)}
             if response is not None:
-                entry.update(
-                    item_id=response.item_id,
-                    indexed=response.indexed,
-                    unchanged=response.unchanged,
-                    objects=[
-                        {
-                            "label": o.label,
-                            "score": round(o.score, 4),
-                            "box": output.box_list(o.box),
-                        }
-                        for o in response.objects
-                    ],
-                    duplicates=[
-                        {
-                            "item_id": d.item_id,
-                            "kind": gateway_pb2.Duplicate.Kind.Name(d.kind).lower(),
-                            "similarity": round(d.similarity, 6),
-                        }
-                        for d in response.duplicates
-                    ],
-                )
+                entry.update(index_response_json(response))
             else:
                 entry.update(indexed=False, error=error)
             bar.write(json.dumps(entry), file=sys.stdout)
@@ -233,6 +200,7 @@ async def cmd_index(args: argparse.Namespace) -> int:
                         detect=args.detect,
                         skip_duplicates=args.skip_duplicates,
                         catalog=args.catalog,
+                        source_uri=os.path.abspath(path),
                     )
                 )
                 paths.append(path)
@@ -259,7 +227,152 @@ async def cmd_index(args: argparse.Namespace) -> int:
         f"{counts['duplicates']} with duplicates, {counts['skipped']} skipped) "
         f"in {seconds:.1f}s ({len(files) / max(seconds, 1e-9):.1f} files/s)"
     )
-    return 1 if args.strict and counts["skipped"] else 0
+    # Files were given and not one could be indexed: that run did nothing a script can use.
+    every_file_failed = bool(files) and counts["skipped"] == len(files)
+    return 1 if every_file_failed or (args.strict and counts["skipped"]) else 0
+
+
+async def cmd_index_manifest(args: argparse.Namespace) -> int:
+    """`loupe index --manifest FILE`: entries read as a stream, images fetched (at most
+    --download-concurrency at once) while earlier ones are indexed, several IndexStream calls
+    in flight. Images held at once: at most `streams` chunks of INDEX_CHUNK."""
+    from services.cli import manifest  # pyarrow, fsspec, aiohttp: only for this command
+
+    shard = manifest.parse_shard(args.shard) if args.shard else None
+    run_metadata = parse_metadata(args.meta)  # under each entry's own columns
+    if args.download_concurrency < 1 or args.download_timeout <= 0 or args.download_retries < 0:
+        raise UsageError(
+            "--download-concurrency must be >= 1, --download-timeout > 0, --download-retries >= 0"
+        )
+    source = await asyncio.to_thread(
+        manifest.Manifest, args.manifest, args.id_column, args.uri_column
+    )
+    address = gateway_address(args.gateway)
+    total = None if args.quiet else await asyncio.to_thread(source.count, shard)
+    counts = dict.fromkeys(("entries", "indexed", "unchanged", "duplicates", "skipped"), 0)
+    bar = tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet, mininterval=0.5)
+    streams = max(INDEX_STREAMS_IN_FLIGHT, math.ceil(args.download_concurrency / INDEX_CHUNK) + 1)
+    chunk_slots = asyncio.Semaphore(streams)
+    failures: list[grpc.aio.AioRpcError] = []
+    started = time.perf_counter()
+
+    def report(
+        entry: manifest.Entry, result: gateway_pb2.IndexResult | None, error: str = ""
+    ) -> None:
+        response = result.response if result is not None and result.code == 0 else None
+        if response is None:
+            counts["skipped"] += 1
+            error = error or (result.error if result is not None else "")
+        elif response.unchanged:
+            counts["unchanged"] += 1
+        elif response.indexed:
+            counts["indexed"] += 1
+        counts["duplicates"] += response is not None and bool(response.duplicates)
+        if args.json:
+            line: dict[str, Any] = {"row": entry.row, "item_id": entry.item_id, "uri": entry.uri}
+            line.update(index_response_json(response) if response else {"indexed": False})
+            if response is None:
+                line["error"] = error
+            bar.write(json.dumps(line), file=sys.stdout)
+        elif response is None:
+            bar.write(
+                f"skipped row {entry.row} ({entry.item_id or entry.uri}): {error}", file=sys.stderr
+            )
+        elif response.duplicates:
+            bar.write(duplicates_text(response), file=sys.stderr)
+        bar.update(1)
+
+    async def fetched(
+        fetcher: manifest.Fetcher, entry: manifest.Entry
+    ) -> tuple[manifest.Entry, gateway_pb2.IndexRequest | None, str]:
+        if entry.problem:
+            return entry, None, entry.problem
+        where = manifest.resolve(entry.uri, source.base)
+        try:
+            image = await fetcher.fetch(where)
+        except manifest.FetchError as error:
+            return entry, None, str(error)
+        request = gateway_pb2.IndexRequest(
+            item_id=entry.item_id,
+            image=image,
+            metadata={**run_metadata, **entry.metadata},
+            detect=args.detect,
+            skip_duplicates=args.skip_duplicates,
+            catalog=args.catalog,
+            source_uri=where.source_uri,
+        )
+        return entry, request, ""
+
+    async def index_chunk(
+        stub: gateway_pb2_grpc.GatewayStub, fetcher: manifest.Fetcher, chunk: list[manifest.Entry]
+    ) -> None:
+        sent: list[manifest.Entry] = []
+
+        async def requests() -> AsyncIterator[gateway_pb2.IndexRequest]:
+            # In the order downloads finish: the gateway starts on the first image while the
+            # slowest is still coming.
+            for next_done in asyncio.as_completed([fetched(fetcher, e) for e in chunk]):
+                entry, request, error = await next_done
+                if request is None:
+                    report(entry, None, error)
+                    continue
+                sent.append(entry)
+                yield request
+
+        try:
+            reply = await stub.IndexStream(requests())
+            for entry, result in zip(sent, reply.results, strict=True):
+                report(entry, result)
+        except grpc.aio.AioRpcError as error:
+            failures.append(error)
+        finally:
+            chunk_slots.release()
+
+    entries = source.entries(shard)
+    tasks: set[asyncio.Task[None]] = set()
+    async with (
+        channel(address) as ch,
+        manifest.Fetcher(
+            args.download_concurrency, args.download_timeout, args.download_retries
+        ) as fetcher,
+    ):
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        read_error = ""
+        try:
+            while not failures:
+                # Read in a thread: a remote manifest is read over the network.
+                chunk = await asyncio.to_thread(
+                    lambda: list(itertools.islice(entries, INDEX_CHUNK))
+                )
+                if not chunk:
+                    break
+                counts["entries"] += len(chunk)
+                await chunk_slots.acquire()
+                task = asyncio.create_task(index_chunk(stub, fetcher, chunk))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except manifest.ManifestError as error:
+            # What was read is still indexed, so that a re-run has less to do.
+            read_error = str(error)
+        await asyncio.gather(*tasks)
+    bar.close()
+    if read_error:
+        say(f"loupe index: {read_error}")
+    if failures:
+        say(f"loupe index: {rpc_failure(failures[0], address)}")
+        return 1
+    seconds = time.perf_counter() - started
+    shard_text = f" (shard {shard.index}/{shard.count})" if shard else ""
+    say(
+        f"{counts['entries']} entries{shard_text}: {counts['indexed']} indexed, "
+        f"{counts['unchanged']} unchanged, {counts['duplicates']} with duplicates, "
+        f"{counts['skipped']} skipped in {seconds:.1f}s "
+        f"({counts['entries'] / max(seconds, 1e-9):.1f} entries/s)"
+    )
+    every_entry_failed = bool(counts["entries"]) and counts["skipped"] == counts["entries"]
+    if read_error or every_entry_failed or (args.strict and counts["skipped"]):
+        return 1
+    return 0
 
 
 async def cmd_search(args: argparse.Namespace) -> int:
@@ -487,8 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
         run=cmd_status
     )
 
-    index = with_catalog(commands.add_parser("index", help="index image files and folders"))
-    index.add_argument("paths", nargs="+", metavar="PATH")
+    index = with_catalog(
+        commands.add_parser("index", help="index image files and folders, or a manifest")
+    )
+    index.add_argument("paths", nargs="*", metavar="PATH")
     index.add_argument("--detect", action="store_true", help="also index each detected object")
     index.add_argument(
         "--meta",
@@ -502,9 +617,52 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not index an image that duplicates another item",
     )
-    index.add_argument("--json", action="store_true", help="one JSON line per file")
-    index.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
+    index.add_argument("--json", action="store_true", help="one JSON line per file or entry")
+    index.add_argument(
+        "--strict", action="store_true", help="exit 1 if any file or entry was skipped"
+    )
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    bulk = index.add_argument_group(
+        "manifest",
+        "--manifest FILE: a CSV (with a header) or Parquet file, local or at an fsspec URI "
+        "(s3://, gs://, https://...), one row per item: its id, its image's URI (a local path, "
+        "relative to the manifest's folder, file://, http(s)://, s3://, ...) and metadata "
+        "columns. Unreachable or broken entries are reported and skipped. Object-store "
+        "credentials and endpoints come from the usual places (AWS_* variables for s3://).",
+    )
+    bulk.add_argument("--manifest", metavar="FILE", help="index the items this file lists")
+    bulk.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="only the items of shard I of N (0-based), by a hash of the item id",
+    )
+    bulk.add_argument(
+        "--id-column", default="item_id", metavar="NAME", help="item ids (default item_id)"
+    )
+    bulk.add_argument(
+        "--uri-column", default="uri", metavar="NAME", help="image URIs (default uri)"
+    )
+    bulk.add_argument(
+        "--download-concurrency",
+        type=int,
+        default=16,
+        metavar="N",
+        help="downloads in flight (default 16)",
+    )
+    bulk.add_argument(
+        "--download-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="per attempt (default 30)",
+    )
+    bulk.add_argument(
+        "--download-retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="more attempts after a timeout, a lost connection, HTTP 429 or 5xx (default 3)",
+    )
     index.set_defaults(run=cmd_index)
 
     search = with_catalog(commands.add_parser("search", help="search by image, crop or item"))

@@ -21,6 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from services.common.config import ConfigError, env_address, env_float, env_int, env_str
+from services.common.cpu import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,10 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        # ONNX Runtime's own default is the machine's physical cores, not a container's CPU
+        # limit; one inter-op thread, since these graphs are a single chain of operators.
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1
         if not spinning:
             # ONNX Runtime's idle intra-op threads spin-wait for the next operator by
             # default: it shaves microseconds off small runs, but on a busy machine (image
@@ -167,7 +171,7 @@ class InferenceSettings:
     """How the model services run their model; the same variables for both services."""
 
     backend: str = "onnxruntime"
-    # ONNX Runtime: intra-op threads (0: ONNX Runtime decides).
+    # ONNX Runtime: intra-op threads (0: the cores the process may use, cgroup limit included).
     threads: int = 0
     # ONNX Runtime: in-process micro-batching (a max size of 1 turns it off; None: the
     # default, capped at what the model takes).

@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from services.common import logs
+from services.common import cpu, logs
 from services.common.config import ConfigError, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -213,12 +213,14 @@ def run(service_name: str, build: Callable[[], Service]) -> None:
     """Entry point of a service process: read settings, then serve until SIGTERM."""
     try:
         settings = ServerSettings.from_env(service_name)
+        threads = cpu.ThreadSettings.from_env()
         logs.configure(service_name, settings.log_level)
     except ConfigError as error:
         print(f"loupe-{service_name}: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
 
     async def main() -> None:
+        cpu.configure(threads, asyncio.get_running_loop())
         # Built inside the event loop: asynchronous clients (grpc.aio, redis) bind to it.
         await serve(build(), settings)
 

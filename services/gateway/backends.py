@@ -56,15 +56,21 @@ class Backends:
             "detection": settings.detection_address,
             "embedding": settings.embedding_address,
             "retrieval": settings.retrieval_address,
+            "retrieval writer": settings.retrieval_writer_address,
             "ranking": settings.ranking_address,
         }
-        self._channels = {
-            name: grpc.aio.insecure_channel(address, options=options)
-            for name, address in self.addresses.items()
+        # One channel per address: the writer is often the same process as the readers.
+        by_address = {
+            address: grpc.aio.insecure_channel(address, options=options)
+            for address in dict.fromkeys(self.addresses.values())
         }
+        self._channels = {name: by_address[address] for name, address in self.addresses.items()}
         self.detection = detection_pb2_grpc.DetectionServiceStub(self._channels["detection"])
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels["embedding"])
         self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(self._channels["retrieval"])
+        self.retrieval_writer = retrieval_pb2_grpc.RetrievalServiceStub(
+            self._channels["retrieval writer"]
+        )
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self._channels["ranking"])
         self._timeout = settings.backend_timeout_seconds
         self._remembered_answers: dict[str, tuple[float, Any]] = {}
@@ -108,6 +114,23 @@ class Backends:
         )
         return f"{info.model_name}/{info.model_version}"
 
+    async def ranking_fields(self, context: grpc.aio.ServicerContext | None) -> set[str] | None:
+        """The metadata fields ranking reads from candidates (None: a ranking that does not
+        say, so it gets them all)."""
+
+        async def fetch() -> set[str] | None:
+            try:
+                info = await self.call(
+                    "ranking", self.ranking.Describe, common_pb2.DescribeRequest(), context
+                )
+            except RequestError as error:
+                if "UNIMPLEMENTED" in error.message:
+                    return None
+                raise
+            return set(info.metadata_fields)
+
+        return await self._remembered("ranking", fetch)
+
     async def _remembered(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """fetch()'s answer, reused for REMEMBER_SECONDS. When a refresh fails the last answer
         stands (searches by item id need no model, so they go on while embedding is down);
@@ -129,6 +152,8 @@ class Backends:
     async def wait_until_serving(self) -> None:
         """Block until every backend's health check says SERVING, logging who is missing."""
         pending = dict(self._channels)
+        if self.addresses["retrieval writer"] == self.addresses["retrieval"]:
+            del pending["retrieval writer"]
         last_report = 0.0
         while pending:
             for name, channel in list(pending.items()):
@@ -147,5 +172,5 @@ class Backends:
                 await asyncio.sleep(0.5)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in dict.fromkeys(self._channels.values()):
             await channel.close()

@@ -11,7 +11,6 @@ makes every older cached result unreachable at once; TTLs reclaim the memory.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,28 +19,13 @@ from typing import TypeVar
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from services.common.cache_keys import embedding_key, generation_key, search_key
 from services.gateway.metrics import CACHE_ERRORS
+
+__all__ = ["Cache", "embedding_key", "generation_key", "search_key"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-GENERATION_KEY = "loupe:generation"
-
-
-def generation_key(catalog: str) -> str:
-    """Each catalogue has its own index generation: writing to one keeps the others' cached
-    results."""
-    return f"{GENERATION_KEY}:{catalog}"
-
-
-def embedding_key(embedder: str, detector: str, content_hash: str) -> str:
-    """Vectors of one image content under one model pair ("-" when nothing was detected)."""
-    return f"loupe:emb:{embedder}:{detector}:{content_hash}"
-
-
-def search_key(generation: int, normalised_request: bytes) -> str:
-    digest = hashlib.sha256(normalised_request).hexdigest()
-    return f"loupe:search:{generation}:{digest}"
 
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:

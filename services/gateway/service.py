@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import grpc
-import numpy as np
 
 from loupe.v1 import (
     common_pb2,
@@ -28,7 +27,7 @@ from loupe.v1 import (
     ranking_pb2,
     retrieval_pb2,
 )
-from services.gateway import cache as cache_keys
+from services.common import cache_keys
 from services.gateway.backends import Backends, RequestError
 from services.gateway.cache import Cache
 from services.gateway.metrics import (
@@ -43,6 +42,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.validation import (
     check_item_id,
     check_metadata,
+    check_source_uri,
     invalid,
     resolve_catalog,
     resolve_top_k,
@@ -53,8 +53,6 @@ NO_DETECTOR = "-"
 # K' is at least this many times top_k: on Corel-1k, 2 x top_k loses 0.001 of mAP@100
 # against 4 x for 2.4 times less latency, and 1 x loses 0.016 (docs/quality.md).
 CANDIDATES_PER_RESULT = 2
-# Near-duplicate candidates examined per indexed image.
-NEAR_DUPLICATE_CANDIDATES = 5
 
 
 @contextmanager
@@ -118,14 +116,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             check_item_id(request.item_id)
             catalog = resolve_catalog(request.catalog)
             with stage("delete"):
+                # Retrieval, which owns the rows, invalidates cached results.
                 reply = await self.backends.call(
-                    "retrieval",
-                    self.backends.retrieval.Delete,
+                    "retrieval writer",
+                    self.backends.retrieval_writer.Delete,
                     retrieval_pb2.DeleteItemRequest(item_id=request.item_id, catalog=catalog),
                     context,
                 )
-            if reply.rows_deleted:
-                await self.cache.bump_generation(catalog)
             return gateway_pb2.DeleteResponse(deleted=reply.rows_deleted > 0)
         except RequestError as error:
             await context.abort(error.code, error.message)
@@ -223,15 +220,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise invalid("name the catalog to drop (the default one is 'default')")
             catalog = resolve_catalog(request.catalog)
             reply = await self.backends.call(
-                "retrieval",
-                self.backends.retrieval.DropCatalog,
+                "retrieval writer",
+                self.backends.retrieval_writer.DropCatalog,
                 retrieval_pb2.RetrievalDropCatalogRequest(catalog=catalog),
                 context,
             )
         except RequestError as error:
             await context.abort(error.code, error.message)
             raise
-        await self.cache.bump_generation(catalog)
         return gateway_pb2.DropCatalogResponse(dropped=reply.dropped)
 
     async def AugmentCatalog(
@@ -241,8 +237,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             catalog = resolve_catalog(request.catalog)
             with stage("augment"):
                 reply = await self.backends.call(
-                    "retrieval",
-                    self.backends.retrieval.Augment,
+                    "retrieval writer",
+                    self.backends.retrieval_writer.Augment,
                     retrieval_pb2.AugmentRequest(
                         catalog=catalog, neighbours=request.neighbours, alpha=request.alpha
                     ),
@@ -254,7 +250,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except RequestError as error:
             await context.abort(error.code, error.message)
             raise
-        await self.cache.bump_generation(catalog)
         return gateway_pb2.AugmentCatalogResponse(items=reply.items, seconds=reply.seconds)
 
     # ---- search -------------------------------------------------------------------------
@@ -412,9 +407,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.settings.min_candidates, CANDIDATES_PER_RESULT * top_k
         )
         with stage("retrieve"):
-            # Vectors always: ranking re-scores the compact index's candidates with them, and
-            # query expansion needs them.
-            candidates = await self.backends.call(
+            # Vectors always: ranking re-scores the candidates with them, and query expansion
+            # needs them. They come as packed bytes, passed on to ranking as they are.
+            found = await self.backends.call(
                 "retrieval",
                 self.backends.retrieval.Search,
                 retrieval_pb2.RetrievalSearchRequest(
@@ -429,23 +424,37 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ),
                 context,
             )
-        if not candidates.candidates:
+        if not found.candidates:
             return []
+        fields = await self.backends.ranking_fields(context)
         with stage("rank"):
             ranked = await self.backends.call(
                 "ranking",
                 self.backends.ranking.Rank,
                 ranking_pb2.RankRequest(
                     query=vector,
-                    candidates=candidates.candidates,
+                    candidates=[_for_ranking(c, fields) for c in found.candidates],
+                    vectors=found.vectors,
                     top_k=top_k,
-                    query_metadata=query_metadata,
+                    query_metadata=_only(query_metadata, fields),
                 ),
                 context,
             )
-        hits = list(ranked.hits)
+        # Ranking saw only what it needs: the rest of each hit comes from its candidate.
+        by_row = {(c.item_id, c.object_index): c for c in found.candidates}
+        hits = []
+        for hit in ranked.hits:
+            candidate = by_row[(hit.item_id, hit.object_index)]
+            hit.metadata.clear()
+            for key, value in candidate.metadata.items():
+                hit.metadata[key].CopyFrom(value)
+            if candidate.object_index > 0:
+                hit.label = candidate.label
+                if candidate.HasField("box"):
+                    hit.box.CopyFrom(candidate.box)
+            hits.append(hit)
         if same_bytes_first:
-            exact = {c.item_id for c in candidates.candidates if c.content_hash == same_bytes_first}
+            exact = {c.item_id for c in found.candidates if c.content_hash == same_bytes_first}
             hits.sort(key=lambda hit: hit.item_id not in exact)  # stable: the rest keep order
         return hits
 
@@ -454,8 +463,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _index(
         self, request: gateway_pb2.IndexRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.IndexResponse:
+        """Index one item: skip it if it is stored with these bytes already, else detect and
+        embed, then hand it to retrieval, which finds its duplicates and neighbours in the same
+        batch write."""
         check_item_id(request.item_id)
         check_metadata(request.metadata)
+        check_source_uri(request.source_uri)
         catalog = resolve_catalog(request.catalog)
         if not request.image:
             raise invalid("image is empty")
@@ -464,7 +477,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         detector = (
             await self.backends.model_info("detection", context) if request.detect else NO_DETECTOR
         )
-        vectors, embedding_cached = await self._image_vectors(
+        response = gateway_pb2.IndexResponse(
+            item_id=request.item_id, content_hash=content_hash, model_version=embedder
+        )
+        if await self._already_stored(request, catalog, content_hash, embedder, context):
+            response.indexed = response.unchanged = True
+            return response
+
+        vectors, response.embedding_cached = await self._image_vectors(
             request.image,
             content_hash,
             embedder,
@@ -472,24 +492,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.settings.max_index_objects,
             context,
         )
-        response = gateway_pb2.IndexResponse(
-            item_id=request.item_id,
-            content_hash=content_hash,
-            model_version=embedder,
-            embedding_cached=embedding_cached,
-            objects=[self._detection_of(o) for o in vectors.objects[1:]],
-        )
-        with stage("duplicates"):
-            duplicates, unchanged = await self._duplicates(
-                request.item_id, catalog, content_hash, vectors.objects[0].vector, context
-            )
-        response.duplicates.extend(duplicates)
-        response.unchanged = unchanged
-        for duplicate in duplicates:
-            DUPLICATES.labels(gateway_pb2.Duplicate.Kind.Name(duplicate.kind)).inc()
-        if duplicates and request.skip_duplicates:
-            return response
-
+        response.objects.extend(self._detection_of(o) for o in vectors.objects[1:])
         item = retrieval_pb2.StoredItem(
             item_id=request.item_id,
             content_hash=content_hash,
@@ -498,18 +501,78 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             image_width=vectors.image_width,
             image_height=vectors.image_height,
             objects=vectors.objects,
+            source_uri=request.source_uri,
         )
         with stage("upsert"):
-            await self.backends.call(
-                "retrieval",
-                self.backends.retrieval.Upsert,
-                retrieval_pb2.UpsertRequest(item=item, catalog=catalog),
+            written = await self.backends.call(
+                "retrieval writer",
+                self.backends.retrieval_writer.Upsert,
+                retrieval_pb2.UpsertRequest(
+                    item=item,
+                    catalog=catalog,
+                    near_duplicate_threshold=self.settings.duplicate_threshold,
+                    skip_duplicates=request.skip_duplicates,
+                ),
                 context,
             )
-        await self.cache.bump_generation(catalog)
-        ITEMS_INDEXED.inc()
-        response.indexed = True
+        for duplicate in written.duplicates:
+            kind = gateway_pb2.Duplicate.EXACT if duplicate.exact else gateway_pb2.Duplicate.NEAR
+            response.duplicates.add(
+                item_id=duplicate.item_id, kind=kind, similarity=duplicate.similarity
+            )
+            DUPLICATES.labels(gateway_pb2.Duplicate.Kind.Name(kind)).inc()
+        response.unchanged = written.same_content
+        response.indexed = written.written
+        if written.written:
+            ITEMS_INDEXED.inc()
         return response
+
+    async def _already_stored(
+        self,
+        request: gateway_pb2.IndexRequest,
+        catalog: str,
+        content_hash: str,
+        embedder: str,
+        context: grpc.aio.ServicerContext,
+    ) -> bool:
+        """Whether the item is stored with these bytes by this embedder (and, when objects are
+        asked for, with objects): then nothing is embedded again, and only changed metadata or
+        source is rewritten. A re-run of a bulk load costs a lookup per item."""
+        with stage("lookup"):
+            try:
+                found = await self.backends.call(
+                    "retrieval",
+                    self.backends.retrieval.Lookup,
+                    retrieval_pb2.LookupRequest(item_id=request.item_id, catalog=catalog),
+                    context,
+                )
+            except RequestError as error:
+                if error.code == grpc.StatusCode.NOT_FOUND:  # a catalogue not made yet
+                    return False
+                raise
+        if not found.items:
+            return False
+        stored = found.items[0]
+        if stored.content_hash != content_hash or stored.model_version != embedder:
+            return False
+        if request.detect and len(stored.objects) < 2:
+            return False  # indexed without objects, or none were found: detect again
+        if dict(stored.metadata) != dict(request.metadata) or (
+            request.source_uri and stored.source_uri != request.source_uri
+        ):
+            with stage("upsert"):
+                await self.backends.call(
+                    "retrieval writer",
+                    self.backends.retrieval_writer.UpdateItem,
+                    retrieval_pb2.UpdateItemRequest(
+                        item_id=request.item_id,
+                        catalog=catalog,
+                        metadata=request.metadata,
+                        source_uri=request.source_uri or stored.source_uri,
+                    ),
+                    context,
+                )
+        return True
 
     async def _index_result(
         self,
@@ -545,80 +608,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             error=f"a stream takes at most {self.settings.max_stream_items} items; "
             "send the rest in another stream",
         )
-
-    async def _duplicates(
-        self,
-        item_id: str,
-        catalog: str,
-        content_hash: str,
-        vector: common_pb2.Vector,
-        context: grpc.aio.ServicerContext,
-    ) -> tuple[list[gateway_pb2.Duplicate], bool]:
-        """Other items with the same bytes (EXACT) or a whole-image cosine at or above the
-        threshold (NEAR); and whether this item is already stored with the same bytes.
-
-        Similarity is the cosine of the vectors as embedded (not as augmented by DBA, not as
-        estimated by binary codes), so the threshold means the same in every configuration.
-        """
-        same_bytes, nearest = await asyncio.gather(
-            self.backends.call(
-                "retrieval",
-                self.backends.retrieval.Lookup,
-                retrieval_pb2.LookupRequest(content_hash=content_hash, limit=10, catalog=catalog),
-                context,
-            ),
-            self._nearest_in_new_catalog_too(
-                retrieval_pb2.RetrievalSearchRequest(
-                    query=vector,
-                    limit=NEAR_DUPLICATE_CANDIDATES,
-                    exclude_item_ids=[item_id],
-                    whole_images_only=True,
-                    catalog=catalog,
-                    include_vectors=True,
-                    raw_vectors=True,
-                ),
-                context,
-            ),
-        )
-        unchanged = any(i.item_id == item_id for i in same_bytes.items)
-        duplicates = [
-            gateway_pb2.Duplicate(
-                item_id=i.item_id, kind=gateway_pb2.Duplicate.EXACT, similarity=1.0
-            )
-            for i in same_bytes.items
-            if i.item_id != item_id
-        ]
-        seen = {d.item_id for d in duplicates}
-        query = np.asarray(vector.values, np.float64)
-        query /= max(float(np.linalg.norm(query)), 1e-12)
-        near = []
-        for candidate in nearest.candidates:
-            stored = np.asarray(candidate.vector.values, np.float64)
-            similarity = float(stored @ query / max(float(np.linalg.norm(stored)), 1e-12))
-            if similarity >= self.settings.duplicate_threshold and candidate.item_id not in seen:
-                near.append(
-                    gateway_pb2.Duplicate(
-                        item_id=candidate.item_id,
-                        kind=gateway_pb2.Duplicate.NEAR,
-                        similarity=similarity,
-                    )
-                )
-        near.sort(key=lambda d: -d.similarity)
-        return duplicates + near, unchanged
-
-    async def _nearest_in_new_catalog_too(
-        self, request: retrieval_pb2.RetrievalSearchRequest, context: grpc.aio.ServicerContext
-    ) -> retrieval_pb2.RetrievalSearchResponse:
-        """A search that finds nothing, rather than NOT_FOUND, in a catalogue that the item
-        being indexed is about to create."""
-        try:
-            return await self.backends.call(
-                "retrieval", self.backends.retrieval.Search, request, context
-            )
-        except RequestError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            return retrieval_pb2.RetrievalSearchResponse()
 
     # ---- vectors ------------------------------------------------------------------------
 
@@ -714,6 +703,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return common_pb2.Detection(
             box=stored.box, label=stored.label, score=stored.detection_score
         )
+
+
+def _only(
+    metadata: dict[str, common_pb2.Value], fields: set[str] | None
+) -> dict[str, common_pb2.Value]:
+    """The metadata fields ranking reads (all of them for a ranking that does not say)."""
+    if fields is None:
+        return metadata
+    return {key: value for key, value in metadata.items() if key in fields}
+
+
+def _for_ranking(
+    candidate: retrieval_pb2.Candidate, fields: set[str] | None
+) -> retrieval_pb2.Candidate:
+    """What ranking needs of a candidate: its row, its index score and the metadata its
+    signals read (its vector travels in the packed matrix beside the list)."""
+    return retrieval_pb2.Candidate(
+        item_id=candidate.item_id,
+        object_index=candidate.object_index,
+        ann_score=candidate.ann_score,
+        metadata=_only(dict(candidate.metadata), fields),
+    )
 
 
 class GatewayService:

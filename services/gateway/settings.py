@@ -12,6 +12,9 @@ class GatewaySettings:
     detection_address: str
     embedding_address: str
     retrieval_address: str
+    # Where writes and whole-catalogue jobs go: the one retrieval replica that writes (the
+    # same address when every replica may write, as in the embedded stack).
+    retrieval_writer_address: str
     ranking_address: str
     # Empty disables caching.
     redis_url: str
@@ -40,6 +43,10 @@ class GatewaySettings:
             detection_address=env_address("LOUPE_DETECTION_ADDR", "127.0.0.1:50052"),
             embedding_address=env_address("LOUPE_EMBEDDING_ADDR", "127.0.0.1:50053"),
             retrieval_address=env_address("LOUPE_RETRIEVAL_ADDR", "127.0.0.1:50054"),
+            retrieval_writer_address=env_address(
+                "LOUPE_RETRIEVAL_WRITER_ADDR",
+                env_address("LOUPE_RETRIEVAL_ADDR", "127.0.0.1:50054"),
+            ),
             ranking_address=env_address("LOUPE_RANKING_ADDR", "127.0.0.1:50055"),
             redis_url=env_str("LOUPE_REDIS_URL", "redis://127.0.0.1:6379/0"),
             redis_password=env_str("LOUPE_REDIS_PASSWORD", ""),
@@ -62,7 +69,9 @@ class GatewaySettings:
             max_query_objects=env_int("LOUPE_GATEWAY_MAX_QUERY_OBJECTS", 8, minimum=1),
             max_index_objects=env_int("LOUPE_GATEWAY_MAX_INDEX_OBJECTS", 10, minimum=0),
             min_object_pixels=env_int("LOUPE_GATEWAY_MIN_OBJECT_PIXELS", 32, minimum=2),
-            index_concurrency=env_int("LOUPE_GATEWAY_INDEX_CONCURRENCY", 4, minimum=1, maximum=64),
+            index_concurrency=env_int(
+                "LOUPE_GATEWAY_INDEX_CONCURRENCY", 16, minimum=1, maximum=256
+            ),
             max_stream_items=env_int("LOUPE_GATEWAY_MAX_STREAM_ITEMS", 10_000, minimum=1),
         )
         if settings.default_top_k > settings.max_top_k:

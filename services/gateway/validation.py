@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections.abc import Mapping
 
 from loupe.v1 import common_pb2
 from services.common import catalogs
+from services.common import items as item_rules
+from services.common.items import MAX_METADATA_KEYS, MAX_STRING_VALUE_CHARS
 from services.gateway.backends import RequestError, grpc
-
-MAX_ITEM_ID_LENGTH = 512
-MAX_STRING_VALUE_LENGTH = 4096
-MAX_METADATA_KEYS = 64
-METADATA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def invalid(message: str) -> RequestError:
@@ -22,12 +17,17 @@ def invalid(message: str) -> RequestError:
 
 
 def check_item_id(item_id: str) -> None:
-    if not item_id:
-        raise invalid("item_id is empty")
-    if len(item_id) > MAX_ITEM_ID_LENGTH:
-        raise invalid(f"item_id has {len(item_id)} characters; the limit is {MAX_ITEM_ID_LENGTH}")
-    if any(unicodedata.category(c) == "Cc" for c in item_id):
-        raise invalid(f"item_id {item_id!r} contains control characters")
+    try:
+        item_rules.check_item_id(item_id)
+    except item_rules.InvalidItem as error:
+        raise invalid(str(error)) from None
+
+
+def check_source_uri(source_uri: str) -> None:
+    try:
+        item_rules.check_source_uri(source_uri)
+    except item_rules.InvalidItem as error:
+        raise invalid(str(error)) from None
 
 
 def resolve_catalog(catalog: str) -> str:
@@ -42,15 +42,15 @@ def check_metadata(metadata: Mapping[str, common_pb2.Value], what: str = "metada
     if len(items) > MAX_METADATA_KEYS:
         raise invalid(f"{what} has {len(items)} keys; the limit is {MAX_METADATA_KEYS}")
     for key, value in items:
-        if not METADATA_KEY.fullmatch(key):
+        if not item_rules.is_metadata_key(key):
             raise invalid(f"{what} key {key!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")
         kind = value.WhichOneof("kind")
         if kind is None:
             raise invalid(f"{what}[{key!r}] has no value")
         if kind == "number_value" and not math.isfinite(value.number_value):
             raise invalid(f"{what}[{key!r}] is not a finite number")
-        if kind == "string_value" and len(value.string_value) > MAX_STRING_VALUE_LENGTH:
-            raise invalid(f"{what}[{key!r}] is longer than {MAX_STRING_VALUE_LENGTH} characters")
+        if kind == "string_value" and len(value.string_value) > MAX_STRING_VALUE_CHARS:
+            raise invalid(f"{what}[{key!r}] is longer than {MAX_STRING_VALUE_CHARS} characters")
 
 
 def resolve_top_k(top_k: int, default: int, maximum: int) -> int:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from loupe.v1 import common_pb2
+from services.common.items import is_metadata_key
 
 Scalar = str | float | bool
-
-# Keys are written into filter expressions (metadata["key"]), so they are restricted to names.
-KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class InvalidMetadata(ValueError):
@@ -20,7 +17,7 @@ class InvalidMetadata(ValueError):
 
 
 def is_valid_key(key: str) -> bool:
-    return KEY_PATTERN.fullmatch(key) is not None
+    return is_metadata_key(key)
 
 
 def value_to_python(value: common_pb2.Value) -> Scalar | None:

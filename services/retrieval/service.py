@@ -1,50 +1,56 @@
-"""RetrievalService: validation and proto conversion around the Milvus store."""
+"""RetrievalService: validation and proto conversion around the Milvus store.
+
+Writes (Upsert) are coalesced into batches (writes.py); searches ask the compact index for
+`oversampling` x K' candidates and return the K' best by their full vectors, as packed
+float16 bytes beside the candidate list. A `reader` replica serves reads only; the one
+writer (role `all`) also runs the whole-catalogue jobs, so they run once per catalogue
+however many replicas serve searches.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 import math
 import time
-import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from services.common import vectors
 from services.common.catalogs import InvalidCatalog, resolve_catalog
-from services.retrieval import augmentation, codes, metadata
+from services.common.items import InvalidItem, check_item_id, check_source_uri
+from services.retrieval import dba, metadata
 from services.retrieval.filters import InvalidFilter, build_filter
 from services.retrieval.gate import CatalogGate
+from services.retrieval.invalidation import CacheInvalidator
 from services.retrieval.metadata import InvalidMetadata
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
-    CODE,
-    MAX_ITEM_ID_CHARS,
     MAX_OBJECTS,
-    RAW,
-    VECTOR,
     CatalogNotFound,
     MilvusStore,
     Row,
     StoreUnavailable,
+    WrongDimension,
+    row_key,
 )
+from services.retrieval.writes import Outcome, PendingItem, WriteQueue, write_batch
 
-# Float indexes that keep the raw vectors and score candidates with them. Anything else
-# (binary codes, quantised, or AUTOINDEX, whose choice depends on the Milvus at hand) gets
-# re-scored by ranking.
-EXACT_SCORE_INDEXES = frozenset({"FLAT", "IVF_FLAT", "HNSW"})
-# Index-time augmentation looks at this many times the neighbours it keeps, then keeps the
-# nearest by full-precision cosine: the codes only shortlist.
-DBA_SHORTLIST_FACTOR = 4
 DEFAULT_LOOKUP_LIMIT = 10
 MAX_LOOKUP_LIMIT = 100
 # VARCHAR(64) fields of the schema; a Milvus server counts their length in UTF-8 bytes.
 MAX_SHORT_TEXT_BYTES = 64
+# How long writes must pause before a server's growing segments are sealed (flushed) when
+# the DBA refresh, which also waits for a pause, is turned off.
+DEFAULT_QUIET_SECONDS = 5.0
+# While the batch job runs, cached results are invalidated at least this often: rows it
+# rewrote make them stale.
+INVALIDATE_EVERY_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +62,19 @@ class InvalidRequest(ValueError):
     """The caller's request is malformed; the message says what to fix."""
 
 
-class CatalogTooLarge(Exception):
-    """A whole-catalogue job would not fit; the message names the limit."""
+class ReadOnlyReplica(Exception):
+    """A write sent to a replica that only reads."""
 
 
-CALLER_ERRORS = (InvalidRequest, InvalidFilter, InvalidMetadata, InvalidCatalog)
+CALLER_ERRORS = (
+    InvalidRequest,
+    InvalidFilter,
+    InvalidMetadata,
+    InvalidCatalog,
+    InvalidItem,
+    WrongDimension,
+    vectors.InvalidVectors,
+)
 
 
 def _rpc(
@@ -76,8 +90,8 @@ def _rpc(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except CatalogNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except CatalogTooLarge as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except ReadOnlyReplica as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         raise AssertionError("unreachable: abort raises")
@@ -93,6 +107,10 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.settings = settings
         self.store = MilvusStore(settings)
         self.gate = CatalogGate()
+        self.writes = WriteQueue(self._write_batch, settings.write_batch_items)
+        self.invalidator = CacheInvalidator(
+            settings.redis_url, settings.redis_password, settings.redis_timeout_seconds
+        )
         # Whole images written per catalogue since its DBA batch last ran, and the pending
         # automatic run of each.
         self._written: dict[str, int] = {}
@@ -105,96 +123,128 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         await asyncio.to_thread(self.store.open)
 
     async def close(self) -> None:
+        await self.writes.close()
         for task in self._refreshes.values():
             task.cancel()
         await asyncio.gather(*self._refreshes.values(), return_exceptions=True)
+        await self.invalidator.close()
         await asyncio.to_thread(self.store.close)
+
+    def _require_writer(self, action: str) -> None:
+        if not self.settings.writes:
+            raise ReadOnlyReplica(
+                f"this retrieval replica only reads (LOUPE_RETRIEVAL_ROLE=reader): send {action} "
+                "to the writer (the gateway's LOUPE_RETRIEVAL_WRITER_ADDR)"
+            )
+
+    # -- writes ------------------------------------------------------------------------------
 
     @_rpc
     async def Upsert(self, request: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertResponse:
+        self._require_writer("Upsert")
         catalog = resolve_catalog(request.catalog)
-        rows = self._rows(request.item)
-        async with self.gate.shared(catalog):
-            replaced = await asyncio.to_thread(
-                self._write_item, catalog, request.item.item_id, rows
+        if not 0 <= request.near_duplicate_threshold <= 1:
+            raise InvalidRequest(
+                f"near_duplicate_threshold={request.near_duplicate_threshold}: expected 0 to 1"
             )
-        self._written[catalog] = self._written.get(catalog, 0) + 1
-        self._schedule_refresh(catalog)
-        return retrieval_pb2.UpsertResponse(rows=len(rows), replaced=replaced)
-
-    def _schedule_refresh(self, catalog: str) -> None:
-        """(Re)start the catalogue's quiet-period timer: a bulk load triggers one batch DBA,
-        after its last write."""
-        s = self.settings
-        if s.dba_neighbours == 0 or s.dba_refresh_seconds == 0:
-            return
-        pending = self._refreshes.get(catalog)
-        if pending is not None and not pending.done():
-            pending.cancel()
-        self._refreshes[catalog] = asyncio.create_task(self._refresh_when_quiet(catalog))
-
-    async def _refresh_when_quiet(self, catalog: str) -> None:
-        await asyncio.sleep(self.settings.dba_refresh_seconds)
-        try:
-            async with self.gate.exclusive(catalog):
-                items = await asyncio.to_thread(self.store.count, catalog, "object_index == 0")
-                written = self._written.get(catalog, 0)
-                if not 0 < items <= self.settings.dba_batch_max_items:
-                    return
-                if written < max(1.0, self.settings.dba_refresh_growth * items):
-                    return
-                self._written[catalog] = 0
-                k, alpha = self.settings.dba_neighbours, self.settings.dba_alpha
-                await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
-        except (CatalogNotFound, StoreUnavailable) as error:
-            # The next write schedules it again.
-            log.warning("automatic DBA skipped", extra={"catalog": catalog, "reason": str(error)})
-
-    def _write_item(self, catalog: str, item_id: str, rows: list[Row]) -> bool:
-        """Augment the whole image's vector with its neighbours' (DBA), encode, write."""
-        stored = np.stack([row.pop("unit_vector") for row in rows])
-        embedded = stored[:1].copy()
-        k = self.settings.dba_neighbours
-        if k > 0:
-            stored[0] = self._augmented(catalog, item_id, embedded[0], k)
-        self._encode(rows, stored, embedded if k > 0 else None)
-        return self.store.replace_item(catalog, item_id, rows)
-
-    def _encode(self, rows: list[Row], stored: np.ndarray, embedded: np.ndarray | None) -> None:
-        """The fields of each row's vectors: the code and full vector of what is stored, and,
-        for the first len(embedded) rows, the vector as embedded (what the DBA batch job
-        starts from); "" where the two are the same."""
-        for row, vector, code in zip(rows, stored, self.store.codes_of(stored), strict=True):
-            row[VECTOR], row[CODE], row[RAW] = codes.encode_vector(vector), code, ""
-        for row, raw in zip(rows, embedded if embedded is not None else [], strict=False):
-            row[RAW] = codes.encode_vector(raw)
-
-    def _augmented(self, catalog: str, item_id: str, raw: np.ndarray, k: int) -> np.ndarray:
-        try:
-            expression, params = build_filter(None, [item_id], True, lite=self.settings.is_lite)
-            rows = self.store.search(
-                catalog, raw, DBA_SHORTLIST_FACTOR * k, expression, params, vectors=True, raw=True
-            )
-        except CatalogNotFound:
-            return raw
-        if not rows:
-            return raw
-        neighbours = np.stack([codes.decode_vector(r[VECTOR]) for r in rows])
-        similarities = neighbours @ raw
-        nearest = np.argsort(-similarities, kind="stable")[:k]
-        return augmentation.augment(
-            raw, neighbours[nearest], similarities[nearest], self.settings.dba_alpha
+        pending = self._pending(request.item, await self._dimension(catalog))
+        pending.near_duplicate_threshold = request.near_duplicate_threshold
+        pending.skip_duplicates = request.skip_duplicates
+        outcome = await self.writes.submit(catalog, pending)
+        return retrieval_pb2.UpsertResponse(
+            rows=len(pending.rows) if outcome.written else 0,
+            replaced=outcome.replaced,
+            written=outcome.written,
+            same_content=outcome.same_content,
+            duplicates=[
+                retrieval_pb2.DuplicateItem(
+                    item_id=d.item_id, exact=d.exact, similarity=d.similarity
+                )
+                for d in outcome.duplicates
+            ],
         )
+
+    async def _write_batch(self, catalog: str, items: list[PendingItem]) -> list[Outcome]:
+        async with self.gate.shared(catalog):
+            outcomes = await asyncio.to_thread(
+                write_batch, self.store, self.settings, catalog, items
+            )
+        written = sum(o.written for o in outcomes)
+        if written:
+            await self.invalidator.changed(catalog)
+            self._written[catalog] = self._written.get(catalog, 0) + written
+            self._schedule_refresh(catalog)
+        return outcomes
+
+    async def _dimension(self, catalog: str) -> int:
+        """The catalogue's vector dimension; the configured one for a catalogue not made yet."""
+        try:
+            opened = await asyncio.to_thread(self.store.collection, catalog, create=False)
+        except CatalogNotFound:
+            return self.settings.dim
+        return opened.layout.dim
+
+    @_rpc
+    async def UpdateItem(
+        self, request: retrieval_pb2.UpdateItemRequest
+    ) -> retrieval_pb2.UpdateItemResponse:
+        self._require_writer("UpdateItem")
+        catalog = resolve_catalog(request.catalog)
+        item_id = check_item_id(request.item_id)
+        changes = {
+            "metadata": metadata.to_json(request.metadata),
+            "source_uri": check_source_uri(request.source_uri),
+        }
+        async with self.gate.shared(catalog):
+            found = await asyncio.to_thread(self._update_item, catalog, item_id, changes)
+        if found:
+            await self.invalidator.changed(catalog)
+        return retrieval_pb2.UpdateItemResponse(found=found)
+
+    def _update_item(self, catalog: str, item_id: str, changes: dict[str, Any]) -> bool:
+        """Rewrite the item's rows with new metadata (every row) and source (object 0)."""
+        try:
+            own, _ = self.store.existing(catalog, [item_id], [])
+        except CatalogNotFound:
+            return False
+        if not own:
+            return False
+        rows = self.store.rows_by_pks(catalog, [r["pk"] for r in own], code=False)
+        stored_pks, stored = self.store.full_vectors(catalog, [r["pk"] for r in rows], raw=False)
+        raw_pks, raw = self.store.full_vectors(catalog, stored_pks, raw=True)
+        by_pk = {r["pk"]: r for r in rows}
+        rows = [by_pk[pk] for pk in stored_pks]
+        for row in rows:
+            row["metadata"] = changes["metadata"]
+            if row["object_index"] == 0:
+                row["source_uri"] = changes["source_uri"]
+        raw_by_pk = dict(zip(raw_pks, raw, strict=True))
+        originals = [
+            raw_by_pk[pk] if not np.array_equal(raw_by_pk[pk], vector) else None
+            for pk, vector in zip(stored_pks, stored, strict=True)
+        ]
+        self.store.write(catalog, rows, stored, originals)
+        return True
 
     @_rpc
     async def Delete(
         self, request: retrieval_pb2.DeleteItemRequest
     ) -> retrieval_pb2.DeleteItemResponse:
-        item_id = _item_id(request.item_id)
+        self._require_writer("Delete")
+        item_id = check_item_id(request.item_id)
         catalog = resolve_catalog(request.catalog)
         async with self.gate.shared(catalog):
-            deleted = await asyncio.to_thread(self.store.delete_item, catalog, item_id)
+            deleted = await asyncio.to_thread(self._delete_item, catalog, item_id)
+        if deleted:
+            await self.invalidator.changed(catalog)
         return retrieval_pb2.DeleteItemResponse(rows_deleted=deleted)
+
+    def _delete_item(self, catalog: str, item_id: str) -> int:
+        own, _ = self.store.existing(catalog, [item_id], [])
+        self.store.delete_pks(catalog, [r["pk"] for r in own])
+        return len(own)
+
+    # -- reads -------------------------------------------------------------------------------
 
     @_rpc
     async def Lookup(self, request: retrieval_pb2.LookupRequest) -> retrieval_pb2.LookupResponse:
@@ -204,7 +254,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             read = functools.partial(
                 self.store.item_rows,
                 catalog,
-                _item_id(request.item_id),
+                check_item_id(request.item_id),
                 vectors=request.include_vectors,
             )
         elif key == "content_hash":
@@ -226,7 +276,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         rows = await asyncio.to_thread(read)
         if not rows and self.gate.busy(catalog):
             # The batch job rewrites rows, and milvus-lite's upsert is a delete then an
-            # insert: a row can be missing for a moment. Ask again once the job is done.
+            # insert: a row can be missing for a moment. Ask again once the page is done.
             await self.gate.wait_idle(catalog)
             rows = await asyncio.to_thread(read)
         return retrieval_pb2.LookupResponse(items=_items(rows))
@@ -236,50 +286,55 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.RetrievalSearchRequest
     ) -> retrieval_pb2.RetrievalSearchResponse:
         catalog = resolve_catalog(request.catalog)
-        query = _unit_vector(request.query.values, self.settings.dim, "query")
         if not 0 < request.limit <= self.settings.max_limit:
             raise InvalidRequest(
                 f"limit={request.limit}: expected 1 to {self.settings.max_limit} "
                 "(LOUPE_RETRIEVAL_MAX_LIMIT)"
             )
-        expression, params = build_filter(
+        query = _unit_vector(vectors.as_array(request.query), "query")
+        expression, _ = build_filter(
             request.filter if request.HasField("filter") else None,
             request.exclude_item_ids,
             request.whole_images_only,
             lite=self.settings.is_lite,
         )
-        rows = await asyncio.to_thread(
+        rows, matrix = await asyncio.to_thread(
             self.store.search,
             catalog,
             query,
             request.limit,
             expression,
-            params,
-            vectors=request.include_vectors,
-            raw=request.raw_vectors,
             distinct_items=request.distinct_items,
         )
-        return retrieval_pb2.RetrievalSearchResponse(candidates=[_candidate(r) for r in rows])
+        response = retrieval_pb2.RetrievalSearchResponse(candidates=[_candidate(r) for r in rows])
+        if request.include_vectors and rows:
+            response.vectors.CopyFrom(vectors.pack(matrix, vectors.FLOAT16))
+        return response
 
     @_rpc
     async def Stats(self, request: retrieval_pb2.StatsRequest) -> retrieval_pb2.StatsResponse:
         return await asyncio.to_thread(self._stats, resolve_catalog(request.catalog))
 
     def _stats(self, catalog: str) -> retrieval_pb2.StatsResponse:
-        index_type = self.store.index_type(catalog)
+        opened = self.store.collection(catalog, create=False)
+        layout = opened.layout
         return retrieval_pb2.StatsResponse(
             catalog=catalog,
             rows=self.store.count(catalog),
             items=self.store.count(catalog, "object_index == 0"),
-            collection=self.store.collection_name(catalog),
-            dimension=self.settings.dim,
-            index_type=index_type,
-            exact_scores=self.settings.candidate_code == "float"
-            and index_type in EXACT_SCORE_INDEXES,
-            candidate_code=self.settings.candidate_code,
-            code_bytes=self.store.code_bytes,
-            full_vector_bytes=4 * self.settings.dim,
+            collection=opened.name,
+            dimension=layout.dim,
+            index_type=opened.index_type,
+            # Candidates come back re-scored by their full vectors (or from an exact index).
+            exact_scores=True,
+            candidate_code="binary" if layout.binary else "float",
+            code_bytes=layout.code_bytes,
+            full_vector_bytes=4 * layout.dim,
             dba_neighbours=self.settings.dba_neighbours,
+            code=layout.code,
+            vector_store=layout.vectors,
+            stored_vector_bytes=layout.stored_vector_bytes,
+            oversampling=1 if opened.exact else self.settings.oversampling,
         )
 
     @_rpc
@@ -297,52 +352,91 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
         return retrieval_pb2.RetrievalListCatalogsResponse(catalogs=await asyncio.to_thread(stats))
 
+    # -- whole catalogues --------------------------------------------------------------------
+
     @_rpc
     async def DropCatalog(
         self, request: retrieval_pb2.RetrievalDropCatalogRequest
     ) -> retrieval_pb2.RetrievalDropCatalogResponse:
+        self._require_writer("DropCatalog")
         catalog = resolve_catalog(request.catalog)
         async with self.gate.exclusive(catalog):
             dropped = await asyncio.to_thread(self.store.drop, catalog)
             self._written.pop(catalog, None)
+        await self.invalidator.changed(catalog)
         return retrieval_pb2.RetrievalDropCatalogResponse(dropped=dropped)
 
     @_rpc
     async def Augment(self, request: retrieval_pb2.AugmentRequest) -> retrieval_pb2.AugmentResponse:
+        self._require_writer("Augment")
         catalog = resolve_catalog(request.catalog)
         k = request.neighbours or self.settings.dba_neighbours
         alpha = request.alpha or self.settings.dba_alpha
         if not 0 <= k <= 100 or not 0 <= alpha <= 100:
             raise InvalidRequest(f"neighbours={k}, alpha={alpha}: expected 0-100 each")
         started = time.perf_counter()
-        async with self.gate.exclusive(catalog):
-            items = await asyncio.to_thread(self.store.count, catalog, "object_index == 0")
-            if items > self.settings.dba_batch_max_items:
-                raise CatalogTooLarge(
-                    f"catalog {catalog!r} has {items} items; the batch DBA holds every vector "
-                    f"in memory and runs on at most {self.settings.dba_batch_max_items} "
-                    "(LOUPE_DBA_BATCH_MAX_ITEMS)"
-                )
-            self._written[catalog] = 0
-            items = await asyncio.to_thread(self._augment_catalog, catalog, k, alpha)
+        await asyncio.to_thread(self.store.collection, catalog, create=False)
+        items = await self._augment_catalog(catalog, k, alpha)
         return retrieval_pb2.AugmentResponse(items=items, seconds=time.perf_counter() - started)
 
-    def _augment_catalog(self, catalog: str, k: int, alpha: float) -> int:
-        """Recompute every whole image's stored vector from the vectors as embedded: the
-        batch form of DBA, independent of the order items arrived in."""
-        rows = self.store.whole_image_rows(catalog)
-        if not rows:
-            return 0
-        raws = np.stack([codes.decode_vector(r[RAW] or r[VECTOR]) for r in rows])
-        augmented = augmentation.augment_all(raws, k, alpha) if k > 0 else raws
-        self._encode(rows, augmented, raws if k > 0 else None)
-        self.store.write_rows(catalog, rows)
-        log.info("catalogue augmented", extra={"catalog": catalog, "items": len(rows), "k": k})
-        return len(rows)
+    async def _augment_catalog(self, catalog: str, k: int, alpha: float) -> int:
+        """The DBA batch job (dba.py), a page at a time; writes wait only for the page in
+        progress."""
+        self._written[catalog] = 0
+        pages = self.store.whole_image_pks(catalog, dba.PAGE)
+        done, invalidated = 0, time.monotonic()
+        started = time.monotonic()
+        while (pks := await asyncio.to_thread(next, pages, None)) is not None:
+            async with self.gate.exclusive(catalog):
+                done += await asyncio.to_thread(
+                    dba.augment_page, self.store, catalog, pks, k, alpha
+                )
+            if time.monotonic() - invalidated > INVALIDATE_EVERY_SECONDS:
+                await self.invalidator.changed(catalog)
+                invalidated = time.monotonic()
+        await asyncio.to_thread(self.store.flush, catalog)
+        await self.invalidator.changed(catalog)
+        log.info(
+            "catalogue augmented",
+            extra={
+                "catalog": catalog,
+                "items": done,
+                "k": k,
+                "seconds": round(time.monotonic() - started, 1),
+            },
+        )
+        return done
 
-    def _rows(self, item: retrieval_pb2.StoredItem) -> list[Row]:
-        """Validate an item and turn it into one row per object."""
-        item_id = _item_id(item.item_id)
+    def _schedule_refresh(self, catalog: str) -> None:
+        """(Re)start the catalogue's quiet-period timer: a bulk load triggers one flush (a
+        server) and one DBA batch job, after its last write."""
+        pending = self._refreshes.get(catalog)
+        if pending is not None and not pending.done():
+            pending.cancel()
+        self._refreshes[catalog] = asyncio.create_task(self._refresh_when_quiet(catalog))
+
+    async def _refresh_when_quiet(self, catalog: str) -> None:
+        s = self.settings
+        await asyncio.sleep(s.dba_refresh_seconds or DEFAULT_QUIET_SECONDS)
+        try:
+            # Seal what the load wrote, so that a server builds its index on it.
+            await asyncio.to_thread(self.store.flush, catalog)
+            if s.dba_neighbours == 0 or s.dba_refresh_seconds == 0:
+                return
+            items = await asyncio.to_thread(self.store.count, catalog, "object_index == 0")
+            written = self._written.get(catalog, 0)
+            if items == 0 or written < max(1.0, s.dba_refresh_growth * items):
+                return
+            await self._augment_catalog(catalog, s.dba_neighbours, s.dba_alpha)
+        except (CatalogNotFound, StoreUnavailable) as error:
+            # The next write schedules it again.
+            log.warning("automatic DBA skipped", extra={"catalog": catalog, "reason": str(error)})
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _pending(self, item: retrieval_pb2.StoredItem, dim: int) -> PendingItem:
+        """Validate an item and turn it into one row per object and their vectors."""
+        item_id = check_item_id(item.item_id)
         for name in ("content_hash", "model_version"):
             _short_text(getattr(item, name), name)
         if item.image_width < 0 or item.image_height < 0:
@@ -363,7 +457,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             "image_width": item.image_width,
             "image_height": item.image_height,
         }
-        rows = []
+        source_uri = check_source_uri(item.source_uri)
+        rows: list[Row] = []
+        embedded = []
         for obj in sorted(item.objects, key=lambda o: o.object_index):
             where = f"object {obj.object_index}"
             box: dict[str, float] = {}
@@ -373,19 +469,22 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                 box = {k: getattr(obj.box, k) for k in ("x0", "y0", "x1", "y1")}
                 if not all(math.isfinite(v) for v in box.values()):
                     raise InvalidRequest(f"{where}: box coordinates must be finite")
+            values = vectors.as_array(obj.vector)
+            if len(values) != dim:
+                raise InvalidRequest(f"{where}: vector has {len(values)} values; expected {dim}")
+            embedded.append(_unit_vector(values, where))
             rows.append(
                 {
                     **shared,
-                    "pk": f"{item_id}#{obj.object_index}",
+                    "pk": row_key(item_id, obj.object_index),
                     "object_index": obj.object_index,
                     "label": _short_text(obj.label, f"{where} label"),
                     "detection_score": obj.detection_score,
                     "box": box,
-                    # Encoded (and, for the whole image, augmented) when written.
-                    "unit_vector": _unit_vector(obj.vector.values, self.settings.dim, where),
+                    "source_uri": source_uri if obj.object_index == 0 else "",
                 }
             )
-        return rows
+        return PendingItem(item_id, item.content_hash, rows, np.stack(embedded))
 
 
 def build() -> RetrievalService:
@@ -395,18 +494,6 @@ def build() -> RetrievalService:
 # -- validation -------------------------------------------------------------------------------
 
 
-def _item_id(item_id: str) -> str:
-    if not item_id:
-        raise InvalidRequest("item_id is empty")
-    if len(item_id) > MAX_ITEM_ID_CHARS:
-        raise InvalidRequest(f"item_id has {len(item_id)} characters; at most {MAX_ITEM_ID_CHARS}")
-    # Ids are identifiers; control characters are never meant, and milvus-lite could not
-    # match a carriage return in a filter (filters.py).
-    if any(unicodedata.category(c) == "Cc" for c in item_id):
-        raise InvalidRequest(f"item_id {item_id!r} contains a control character")
-    return item_id
-
-
 def _short_text(text: str, name: str) -> str:
     size = len(text.encode())
     if size > MAX_SHORT_TEXT_BYTES:
@@ -414,14 +501,12 @@ def _short_text(text: str, name: str) -> str:
     return text
 
 
-def _unit_vector(values: Sequence[float], dim: int, where: str) -> np.ndarray:
+def _unit_vector(values: np.ndarray, where: str) -> np.ndarray:
     """The vector scaled to unit length, so that inner product is cosine similarity."""
-    if len(values) != dim:
-        raise InvalidRequest(f"{where}: vector has {len(values)} values; expected {dim}")
     vector = np.asarray(values, dtype=np.float64)
     norm = float(np.linalg.norm(vector))
-    if not np.isfinite(vector).all() or norm == 0.0:
-        raise InvalidRequest(f"{where}: vector must be finite and not all zeros")
+    if vector.size == 0 or not np.isfinite(vector).all() or norm == 0.0:
+        raise InvalidRequest(f"{where}: vector must be non-empty, finite and not all zeros")
     return (vector / norm).astype(np.float32)
 
 
@@ -447,6 +532,7 @@ def _items(rows: list[Row]) -> list[retrieval_pb2.StoredItem]:
                 model_version=row["model_version"],
                 image_width=row["image_width"],
                 image_height=row["image_height"],
+                source_uri=row.get("source_uri", ""),
             )
             metadata.to_proto(row["metadata"], item.metadata)
         item.objects.append(
@@ -455,33 +541,10 @@ def _items(rows: list[Row]) -> list[retrieval_pb2.StoredItem]:
                 box=_box(row),
                 label=row["label"],
                 detection_score=row["detection_score"],
-                vector=_vector(row),
+                vector=vectors.to_vector(row["vector"]) if "vector" in row else None,
             )
         )
     return list(items.values())
-
-
-def _vector(row: Row) -> common_pb2.Vector | None:
-    """The stored float32 bytes as a Vector message, parsed from its wire form: packed floats
-    are those very bytes, so no Python float is made (hundreds of candidates x 1280 values
-    per search)."""
-    if VECTOR not in row:
-        return None
-    data = base64.b64decode(row[VECTOR])
-    return common_pb2.Vector.FromString(_PACKED_VALUES_TAG + _varint(len(data)) + data)
-
-
-# Field 1 of Vector (`values`), wire type 2 (length-delimited: packed).
-_PACKED_VALUES_TAG = b"\x0a"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def _candidate(row: Row) -> retrieval_pb2.Candidate:
@@ -491,7 +554,6 @@ def _candidate(row: Row) -> retrieval_pb2.Candidate:
         box=_box(row),
         label=row["label"],
         ann_score=row["score"],
-        vector=_vector(row),
         content_hash=row["content_hash"],
     )
     metadata.to_proto(row["metadata"], candidate.metadata)

@@ -1,43 +1,53 @@
 """Catalogues as Milvus collections, through pymilvus's synchronous MilvusClient.
 
 The same code serves milvus-lite (a local .db file) and a Milvus server (an http(s) URI):
-only the URI differs, plus the string-literal dialect of filters (see filters.py) and
-stopping milvus-lite's process on close. Methods block: the service runs them in threads.
+only the URI differs, plus where full vectors live (vector_store.py), the string-literal
+dialect of filters (filters.py) and stopping milvus-lite's process on close. Methods block:
+the service runs them in threads. Every method works on batches, so that many items cost one
+call each to Milvus, not one each.
 
-No call needs `flush` for a read to see an earlier write: milvus-lite 2.5.1 answers every
-read with all writes before it (and keeps them without a flush, even when killed), and on a
-server every read asks for Strong consistency.
+Consistency on a server: searches and lookups read at LOUPE_MILVUS_READ_CONSISTENCY (Bounded:
+they need not wait for every write in flight, which costs ~200 ms a read under Strong); a
+write's own check of what exists reads Strong, so that an item is never duplicated.
+milvus-lite always answers with every write before the read.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import Collection, DataType, MilvusClient, MilvusException, connections
 
+from services.common import vectors as packed
 from services.common.catalogs import CATALOG_PATTERN, DEFAULT_CATALOG
-from services.common.config import ConfigError
-from services.retrieval import codes
+from services.common.items import MAX_ITEM_ID_CHARS, MAX_SOURCE_URI_BYTES
+from services.retrieval import codes, index_params
 from services.retrieval.filters import quote
-from services.retrieval.settings import MILVUS_MAX_TOPK, RetrievalSettings
+from services.retrieval.layout import ROW_FIELDS, SIDECAR, CatalogLayout, legacy_layout
+from services.retrieval.settings import EXACT_INDEXES, MILVUS_MAX_TOPK, RetrievalSettings
+from services.retrieval.vector_store import (
+    RAW,
+    VECTOR,
+    FieldVectors,
+    SidecarVectors,
+    VectorStore,
+    sidecar_path,
+)
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
-# The ANN field: binary sign codes or the float vector (settings.candidate_code).
+# The ANN field: binary sign codes or the float vector (the catalogue's layout).
 CODE = "code"
-# The full-precision vector as stored for ranking (after database-side augmentation), and the
-# vector as embedded ("" when the two are the same), both as base64 text (codes.py).
-VECTOR = "vector"
-RAW = "raw"
-# Every field but the vectors: what lookups and searches return.
+# Every scalar field: what lookups and searches return.
 FIELDS = [
     "item_id",
     "object_index",
@@ -50,19 +60,18 @@ FIELDS = [
     "image_width",
     "image_height",
 ]
-MAX_ITEM_ID_CHARS = 512
+SOURCE_URI = "source_uri"
 # Upsert validation keeps items below this, so one query returns every row of an item.
 MAX_OBJECTS = 1000
 # Indexed when the Milvus at hand can: lookups and deletes filter on them.
 SCALAR_INDEXED = ("item_id", "content_hash")
 # Separates the prefix from the catalogue name in a collection name.
 SEPARATOR = "__"
-# Rows read per page when the batch job walks a catalogue.
-PAGE = 1000
-# Rows written per call by the batch job. milvus-lite's upsert is a delete then an insert, so a
-# search meanwhile can miss the rows of the call in progress: small calls keep that to a few
-# items at a time.
-WRITE_PAGE = 64
+# Rows per Milvus upsert call, and pks per `pk in [...]` expression.
+WRITE_ROWS = 1000
+KEYS_PER_QUERY = 2000
+# Items returned per content hash when looking for exact duplicates.
+SAME_HASH_LIMIT = 10
 
 
 class StoreUnavailable(Exception):
@@ -73,6 +82,47 @@ class CatalogNotFound(LookupError):
     """A read named a catalogue that does not exist (writes create theirs)."""
 
 
+class WrongDimension(ValueError):
+    """A vector's dimension differs from the catalogue's."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A row the compact index found."""
+
+    pk: str
+    item_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class OpenCatalog:
+    """A catalogue's collection, loaded, with how it is laid out and searched."""
+
+    name: str
+    layout: CatalogLayout
+    index_type: str
+    search_params: dict[str, Any]
+    # For writes: pymilvus's column-based insert converts a batch field by field, where
+    # MilvusClient's row-based one converts value by value (0.1 against 0.3-0.7 ms a row).
+    columns: Collection
+
+    @property
+    def exact(self) -> bool:
+        """Whether the index's scores are exact cosines (no re-scoring needed)."""
+        return not self.layout.binary and self.index_type in EXACT_INDEXES
+
+
+def row_key(item_id: str, object_index: int) -> str:
+    """A row's primary key: `item_id#object_index`, with ' and % written as %27 and %25.
+
+    milvus-lite deletes rows (and upserts, which delete first) through an SQL statement that
+    does not escape quotes in primary keys, so a key with a ' could be written once and never
+    replaced or deleted. Ids without ' or % keep the keys they always had.
+    """
+    return f"{item_id.replace('%', '%25').replace(chr(39), '%27')}#{object_index}"
+
+
 class MilvusStore:
     """Every method takes a catalogue name (already validated) and blocks: the service runs
     them in threads. A catalogue's collection is created by the first write into it."""
@@ -80,15 +130,11 @@ class MilvusStore:
     def __init__(self, settings: RetrievalSettings) -> None:
         self.settings = settings
         self._client: MilvusClient | None = None
-        # Collections known to exist and be loaded, with their index types.
-        self._loaded: dict[str, str] = {}
+        # The same Milvus through pymilvus's ORM connection, for column-based writes.
+        self._alias = f"loupe-retrieval-{id(self)}"
+        self._open: dict[str, OpenCatalog] = {}
         self._lock = threading.Lock()
-
-    @property
-    def code_bytes(self) -> int:
-        if self.settings.candidate_code == "binary":
-            return codes.code_bits(self.settings.dim) // 8
-        return 4 * self.settings.dim
+        self._stores: dict[str, VectorStore] = {ROW_FIELDS: FieldVectors(self._fetch_rows)}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,11 +143,19 @@ class MilvusStore:
         s = self.settings
         if s.is_lite:
             Path(s.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
+            self._stores[SIDECAR] = SidecarVectors(sidecar_path(s.milvus_uri))
         with self._errors("connect"):
             self._client = MilvusClient(
                 uri=s.milvus_uri, token=s.milvus_token, db_name=s.db_name, timeout=s.timeout_seconds
             )
-        self.collection(DEFAULT_CATALOG, create=True)
+            connections.connect(
+                alias=self._alias,
+                uri=s.milvus_uri,
+                token=s.milvus_token,
+                db_name=s.db_name,
+                timeout=s.timeout_seconds,
+            )
+        self.collection(DEFAULT_CATALOG, create=s.writes)
         log.info(
             "connected",
             extra={"uri": s.milvus_uri, "catalogs": self.catalogs(), "code": s.candidate_code},
@@ -109,9 +163,12 @@ class MilvusStore:
 
     def close(self) -> None:
         client, self._client = self._client, None
-        self._loaded.clear()
+        self._open.clear()
+        for store in self._stores.values():
+            store.close()
         if client is None:
             return
+        connections.disconnect(self._alias)
         client.close()
         if self.settings.is_lite:
             # Stop milvus-lite's process now rather than at interpreter exit, so that a new
@@ -125,34 +182,41 @@ class MilvusStore:
     def collection_name(self, catalog: str) -> str:
         return f"{self.settings.collection_prefix}{SEPARATOR}{catalog}"
 
-    def collection(self, catalog: str, *, create: bool) -> str:
+    def collection(self, catalog: str, *, create: bool) -> OpenCatalog:
         """The catalogue's collection, loaded; created first when `create`."""
         name = self.collection_name(catalog)
-        if name in self._loaded:
-            return name
+        opened = self._open.get(name)
+        if opened is not None:
+            return opened
         s, client = self.settings, self._require()
         with self._lock, self._errors("open catalogue"):
-            if name in self._loaded:
-                return name
+            if name in self._open:
+                return self._open[name]
             if client.has_collection(name, timeout=s.timeout_seconds):
-                self._check_schema(name)
+                layout = self._layout_of(name)
             elif create:
-                self._create(name)
+                layout = self._create(name)
             else:
                 raise CatalogNotFound(f"catalog {catalog!r} does not exist")
             # Also when a start-up died between creating the collection and its indexes.
             if CODE not in client.list_indexes(name, timeout=s.timeout_seconds):
-                self._create_indexes(name)
+                self._create_indexes(name, layout)
             client.load_collection(name, timeout=s.timeout_seconds)
             index = client.describe_index(name, CODE, timeout=s.timeout_seconds) or {}
             index_type = str(index.get("index_type", s.index_type))
-            if index_type != s.index_type:
-                log.warning(
-                    "catalogue has another index type than configured; re-create it to change",
-                    extra={"collection": name, "index_type": index_type},
-                )
-            self._loaded[name] = index_type
-        return name
+            # The configured search parameters apply to indexes of the configured type; a
+            # catalogue indexed otherwise searches with its type's defaults.
+            configured = s.search_params if index_type == s.index_type else {}
+            opened = OpenCatalog(
+                name,
+                layout,
+                index_type,
+                index_params.search_params(index_type, configured),
+                Collection(name, using=self._alias),
+            )
+            self._stores[layout.vectors].prepare(name)
+            self._open[name] = opened
+        return opened
 
     def catalogs(self) -> list[str]:
         prefix = self.collection_name("")
@@ -167,20 +231,30 @@ class MilvusStore:
     def drop(self, catalog: str) -> bool:
         s, name = self.settings, self.collection_name(catalog)
         with self._lock, self._errors("drop catalogue"):
-            self._loaded.pop(name, None)
+            opened = self._open.pop(name, None)
             client = self._require()
             if not client.has_collection(name, timeout=s.timeout_seconds):
                 return False
+            layout = opened.layout if opened else self._layout_of(name)
             client.drop_collection(name, timeout=s.timeout_seconds)
+            self._stores[layout.vectors].drop(name)
         log.info("catalogue dropped", extra={"collection": name})
         return True
 
-    def index_type(self, catalog: str) -> str:
-        return self._loaded.get(self.collection(catalog, create=False), self.settings.index_type)
+    def _new_layout(self) -> CatalogLayout:
+        s = self.settings
+        return CatalogLayout(
+            code=codes.SIMHASH_V2 if s.candidate_code == "binary" else codes.FLOAT,
+            dim=s.dim,
+            vectors=SIDECAR if s.is_lite else ROW_FIELDS,
+        )
 
-    def _create(self, name: str) -> None:
+    def _create(self, name: str) -> CatalogLayout:
         s, client = self.settings, self._require()
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        layout = self._new_layout()
+        schema = MilvusClient.create_schema(
+            auto_id=False, enable_dynamic_field=False, description=layout.description()
+        )
         # A server counts max_length in UTF-8 bytes: room for 512 characters of any script.
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2100)
         schema.add_field("item_id", DataType.VARCHAR, max_length=4 * MAX_ITEM_ID_CHARS)
@@ -190,35 +264,41 @@ class MilvusStore:
         # Not nullable (milvus-lite refuses nullable fields): {} when there is no box, and an
         # object, not an array, because the Milvus 2.3 server only stores JSON objects.
         schema.add_field("box", DataType.JSON)
-        if s.candidate_code == "binary":
-            schema.add_field(CODE, DataType.BINARY_VECTOR, dim=codes.code_bits(s.dim))
+        if layout.binary:
+            schema.add_field(CODE, DataType.BINARY_VECTOR, dim=codes.code_bits(layout.dim))
         else:
-            schema.add_field(CODE, DataType.FLOAT_VECTOR, dim=s.dim)
-        schema.add_field(VECTOR, DataType.VARCHAR, max_length=codes.encoded_length(s.dim))
-        schema.add_field(RAW, DataType.VARCHAR, max_length=codes.encoded_length(s.dim))
+            schema.add_field(CODE, DataType.FLOAT_VECTOR, dim=layout.dim)
+        if layout.vectors == ROW_FIELDS:
+            length = FieldVectors.field_length(layout)
+            schema.add_field(VECTOR, DataType.VARCHAR, max_length=length)
+            schema.add_field(RAW, DataType.VARCHAR, max_length=length)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("model_version", DataType.VARCHAR, max_length=64)
         schema.add_field("image_width", DataType.INT32)
         schema.add_field("image_height", DataType.INT32)
-        # Strong: a search or lookup right after a write sees it (milvus-lite always does; a
-        # server's default, Bounded, may not).
+        schema.add_field(SOURCE_URI, DataType.VARCHAR, max_length=MAX_SOURCE_URI_BYTES)
+        # The collection's own default matters only to reads that name none (this module
+        # names one for every read).
         client.create_collection(
-            name, schema=schema, consistency_level="Strong", timeout=s.timeout_seconds
+            name, schema=schema, consistency_level="Bounded", timeout=s.timeout_seconds
         )
-        log.info("catalogue created", extra={"collection": name, "dim": s.dim})
+        log.info("catalogue created", extra={"collection": name, "layout": layout.description()})
+        return layout
 
-    def _metric(self) -> str:
-        return "HAMMING" if self.settings.candidate_code == "binary" else "IP"
-
-    def _create_indexes(self, name: str) -> None:
+    def _create_indexes(self, name: str, layout: CatalogLayout) -> None:
         s, client = self.settings, self._require()
+        # A catalogue created by another configuration keeps its own index type.
+        index_type = (
+            s.index_type
+            if layout.binary == (s.candidate_code == "binary")
+            else ("BIN_FLAT" if layout.binary else "FLAT")
+        )
+        build = s.index_params if index_type == s.index_type else {}
         # Every index before the first load: a Milvus 2.3 server refuses to load a collection
         # whose indexes changed while it was loaded.
         index = client.prepare_index_params()
-        index.add_index(
-            CODE, index_type=s.index_type, metric_type=self._metric(), params=s.index_params
-        )
+        index.add_index(CODE, index_type=index_type, metric_type=layout.metric, params=build)
         client.create_index(name, index, timeout=s.timeout_seconds)
         for field in SCALAR_INDEXED:
             scalar = client.prepare_index_params()
@@ -229,227 +309,407 @@ class MilvusStore:
             except MilvusException as error:
                 log.info("no scalar index", extra={"field": field, "reason": error.message})
 
-    def _check_schema(self, name: str) -> None:
-        s = self.settings
-        description = self._require().describe_collection(name, timeout=s.timeout_seconds)
+    def _layout_of(self, name: str) -> CatalogLayout:
+        description = self._require().describe_collection(
+            name, timeout=self.settings.timeout_seconds
+        )
+        recorded = CatalogLayout.from_description(str(description.get("description", "")))
+        if recorded is not None:
+            return recorded
         fields = {f.get("name"): f for f in description.get("fields", [])}
-        want_type = (
-            DataType.BINARY_VECTOR if s.candidate_code == "binary" else DataType.FLOAT_VECTOR
-        )
-        want_dim = codes.code_bits(s.dim) if s.candidate_code == "binary" else s.dim
         code = fields.get(CODE)
-        found = (
-            (code.get("type"), int(code.get("params", {}).get("dim", 0)))
-            if code and VECTOR in fields and RAW in fields
-            else None
-        )
-        if found != (want_type, want_dim):
-            raise ConfigError(
-                f"collection {name!r} at {s.milvus_uri} was not made by this configuration "
-                f"(LOUPE_EMBEDDING_DIM={s.dim}, LOUPE_RETRIEVAL_CANDIDATE_CODE="
-                f"{s.candidate_code}; or by an older Loupe): index into a new catalogue, or "
-                "fix the settings"
+        if code is None or VECTOR not in fields:
+            raise StoreUnavailable(
+                f"collection {name!r} at {self.settings.milvus_uri} was not made by Loupe "
+                "(no code and vector fields); drop it or choose another "
+                "LOUPE_MILVUS_COLLECTION_PREFIX"
             )
+        binary = code.get("type") == DataType.BINARY_VECTOR
+        dim = int(code.get("params", {}).get("dim", 0))
+        if binary and codes.code_bits(self.settings.dim) == dim:
+            dim = self.settings.dim  # codes round the dimension up to whole bytes
+        return legacy_layout(binary, dim)
 
-    # -- reads and writes --------------------------------------------------------------------
+    # -- reads -------------------------------------------------------------------------------
 
-    def codes_of(self, vectors: np.ndarray) -> list[bytes] | list[list[float]]:
-        """What the ANN field holds for each row of `vectors` [n, dim]."""
-        if self.settings.candidate_code == "binary":
-            return codes.binary_codes(vectors)
-        result: list[list[float]] = np.asarray(vectors, np.float32).tolist()
-        return result
-
-    def item_rows(self, catalog: str, item_id: str, *, vectors: bool) -> list[Row]:
-        """Every row of the item, object 0 first ([] when the catalogue does not exist)."""
+    def item_rows(
+        self, catalog: str, item_id: str, *, vectors: bool, raw: bool = False
+    ) -> list[Row]:
+        """Every row of the item, object 0 first ([] when the catalogue does not exist); with
+        `vectors`, each row's stored (or `raw`: as embedded) vector as row["vector"]."""
         try:
-            name = self.collection(catalog, create=False)
+            opened = self.collection(catalog, create=False)
         except CatalogNotFound:
             return []
-        rows = self._query(name, f"item_id == {self._quote(item_id)}", vectors, MAX_OBJECTS)
-        return sorted(rows, key=lambda r: r["object_index"])
+        rows = self._query(opened, f"item_id == {self._quote(item_id)}", self._fields(opened))
+        rows.sort(key=lambda r: r["object_index"])
+        if vectors:
+            rows = self._with_vectors(opened, rows, raw=raw)
+        return rows
 
     def rows_by_hash(
         self, catalog: str, content_hash: str, limit: int, *, vectors: bool
     ) -> list[Row]:
         """Every row of up to `limit` items with the content hash, grouped by item."""
         try:
-            name = self.collection(catalog, create=False)
+            opened = self.collection(catalog, create=False)
         except CatalogNotFound:
             return []
         firsts = self._query(
-            name, f"content_hash == {self._quote(content_hash)} and object_index == 0", False, limit
+            opened,
+            f"content_hash == {self._quote(content_hash)} and object_index == 0",
+            ["item_id"],
+            limit=limit,
         )
         item_ids = sorted({r["item_id"] for r in firsts})
         if not item_ids:
             return []
         ids = ", ".join(self._quote(i) for i in item_ids)
-        rows = self._query(name, f"item_id in [{ids}]", vectors, MILVUS_MAX_TOPK)
-        return sorted(rows, key=lambda r: (r["item_id"], r["object_index"]))
-
-    def replace_item(self, catalog: str, item_id: str, rows: list[Row]) -> bool:
-        """Write the item's rows, then drop its rows beyond them; True if it existed before.
-
-        Upsert before delete, so a reader never finds the item missing.
-        """
-        s, client = self.settings, self._require()
-        name = self.collection(catalog, create=True)
-        existed = bool(self._query(name, f"item_id == {self._quote(item_id)}", False, 1))
-        with self._errors("upsert"):
-            client.upsert(name, rows, timeout=s.timeout_seconds)
-            client.delete(
-                name,
-                filter=f"item_id == {self._quote(item_id)} and object_index >= {len(rows)}",
-                timeout=s.timeout_seconds,
-            )
-        return existed
-
-    def delete_item(self, catalog: str, item_id: str) -> int:
-        """Delete every row of the item; the number of rows it had."""
-        s, client = self.settings, self._require()
-        try:
-            name = self.collection(catalog, create=False)
-        except CatalogNotFound:
-            return 0
-        expression = f"item_id == {self._quote(item_id)}"
-        with self._errors("delete"):
-            rows = self._count(name, expression)
-            if rows:
-                client.delete(name, filter=expression, timeout=s.timeout_seconds)
-        return rows
+        rows = self._query(opened, f"item_id in [{ids}]", self._fields(opened))
+        rows.sort(key=lambda r: (r["item_id"], r["object_index"]))
+        return self._with_vectors(opened, rows, raw=False) if vectors else rows
 
     def search(
         self,
         catalog: str,
-        vector: np.ndarray,
+        query: np.ndarray,
         limit: int,
         expression: str,
-        params: dict[str, Any],
         *,
-        vectors: bool,
-        raw: bool = False,
         distinct_items: bool = False,
-    ) -> list[Row]:
-        """The nearest rows, best first, each with its `score` (a cosine estimate).
+    ) -> tuple[list[Row], np.ndarray]:
+        """The `limit` nearest rows, best first, each with its `score` (cosine), and their
+        stored vectors [limit, dim].
 
-        With `distinct_items`, `limit` counts items: each item's best row only. Milvus has no
-        grouping that milvus-lite and a 2.3 server share, so the search widens until enough
-        items are found or the catalogue runs out.
+        The compact index proposes `oversampling` x limit rows; their full vectors re-score
+        them (binary codes estimate the angle, and the nearest by Hamming distance are not
+        quite the nearest). With `distinct_items`, `limit` counts items: each item's best
+        row only; the search widens until enough items are found or the catalogue runs out.
         """
-        name = self.collection(catalog, create=False)
-        code = self.codes_of(vector[None, :])[0]
-        fetch = limit
+        opened = self.collection(catalog, create=False)
+        self._check_dim(opened, query.shape[-1])
+        unit_query = query / max(float(np.linalg.norm(query)), 1e-12)
+        factor = 1 if opened.exact else self.settings.oversampling
+        fetch = min(limit * factor, MILVUS_MAX_TOPK)
         while True:
-            rows = self._search(
-                name, code, min(fetch, MILVUS_MAX_TOPK), expression, params, vectors, raw
+            hits = self._search_codes(opened, unit_query[None, :], fetch, expression)[0]
+            pks = [hit.pk for hit in hits]
+            items = {hit.pk: hit.item_id for hit in hits}
+            if opened.exact:
+                scores = np.array([hit.score for hit in hits], dtype=np.float64)
+                matrix = None
+            else:
+                pks, matrix = self._stores[opened.layout.vectors].get(
+                    opened.name, opened.layout, pks, raw=False
+                )
+                scores = packed.unit_rows(matrix) @ unit_query if len(pks) else np.empty(0)
+            order = np.argsort(-scores, kind="stable")
+            chosen: list[int] = []
+            seen: set[str] = set()
+            for position in order.tolist():
+                if distinct_items:
+                    item = items[pks[position]]
+                    if item in seen:
+                        continue
+                    seen.add(item)
+                chosen.append(position)
+                if len(chosen) == limit:
+                    break
+            exhausted = len(hits) < fetch or fetch >= MILVUS_MAX_TOPK
+            if len(chosen) >= limit or exhausted or not distinct_items:
+                break
+            fetch = min(2 * fetch, MILVUS_MAX_TOPK)
+        winners = [pks[i] for i in chosen]
+        rows = {r["pk"]: r for r in self._fetch_rows(opened.name, winners, ["pk", *FIELDS])}
+        found = [i for i in chosen if pks[i] in rows]
+        result = []
+        for i in found:
+            row = rows[pks[i]]
+            row["score"] = float(scores[i])
+            result.append(row)
+        if matrix is None:
+            found_pks, vectors = self._stores[opened.layout.vectors].get(
+                opened.name, opened.layout, [r["pk"] for r in result], raw=False
             )
-            if not distinct_items:
-                return rows
-            best: dict[str, Row] = {}
-            for row in rows:
-                best.setdefault(row["item_id"], row)
-            exhausted = len(rows) < min(fetch, MILVUS_MAX_TOPK) or fetch >= MILVUS_MAX_TOPK
-            if len(best) >= limit or exhausted:
-                return list(best.values())[:limit]
-            fetch *= 2
+            keep = set(found_pks)
+            result = [r for r in result if r["pk"] in keep]
+        else:
+            vectors = matrix[found]
+        return result, vectors.astype(np.float32)
 
-    def _search(
+    def neighbours(
+        self, catalog: str, queries: np.ndarray, limit: int, exclude_item_ids: Sequence[str]
+    ) -> list[list[Hit]] | None:
+        """Per query, up to `limit` whole-image rows nearest by the compact index, leaving
+        out `exclude_item_ids`; None when the catalogue does not exist yet."""
+        try:
+            opened = self.collection(catalog, create=False)
+        except CatalogNotFound:
+            return None
+        expression = "object_index == 0"
+        if exclude_item_ids:
+            listed = ", ".join(self._quote(i) for i in dict.fromkeys(exclude_item_ids))
+            expression = f"(item_id not in [{listed}]) and ({expression})"
+        return self._search_codes(opened, queries, limit, expression)
+
+    def full_vectors(
+        self, catalog: str, pks: Sequence[str], *, raw: bool
+    ) -> tuple[list[str], np.ndarray]:
+        opened = self.collection(catalog, create=False)
+        return self._stores[opened.layout.vectors].get(opened.name, opened.layout, pks, raw=raw)
+
+    def existing(
+        self, catalog: str, item_ids: Sequence[str], hashes: Sequence[str]
+    ) -> tuple[list[Row], list[Row]]:
+        """For a write: every row of these items (pk, item_id, object_index, content_hash),
+        and the whole-image rows of any item with one of these content hashes. Read with
+        Strong consistency, in one query."""
+        try:
+            opened = self.collection(catalog, create=False)
+        except CatalogNotFound:
+            return [], []
+        ids = ", ".join(self._quote(i) for i in dict.fromkeys(item_ids))
+        listed_hashes = ", ".join(self._quote(h) for h in dict.fromkeys(hashes) if h)
+        expression = f"item_id in [{ids}]"
+        if listed_hashes:
+            expression = (
+                f"({expression}) or (content_hash in [{listed_hashes}] and object_index == 0)"
+            )
+        rows = self._query(
+            opened,
+            expression,
+            ["pk", "item_id", "object_index", "content_hash"],
+            consistency="Strong",
+        )
+        wanted = set(item_ids)
+        own = [r for r in rows if r["item_id"] in wanted]
+        same_hash = [r for r in rows if r["object_index"] == 0 and r["content_hash"] in hashes]
+        return own, same_hash
+
+    def rows_by_pks(self, catalog: str, pks: Sequence[str], *, code: bool) -> list[Row]:
+        """The rows with these pks, every field (and the code when `code`: to write them
+        back), read with Strong consistency."""
+        opened = self.collection(catalog, create=False)
+        fields = ["pk", *self._fields(opened)] + ([CODE] if code else [])
+        return self._fetch_rows(opened.name, pks, fields, consistency="Strong")
+
+    def whole_image_pks(self, catalog: str, page: int) -> Iterator[list[str]]:
+        """Every whole-image row's pk, a page at a time (the batch job's walk)."""
+        opened = self.collection(catalog, create=False)
+        with self._errors("read catalogue"):
+            iterator = self._require().query_iterator(
+                opened.name,
+                batch_size=page,
+                filter="object_index == 0",
+                output_fields=["pk"],
+                timeout=self.settings.timeout_seconds,
+            )
+        try:
+            while True:
+                with self._errors("read catalogue"):
+                    rows = iterator.next()
+                if not rows:
+                    return
+                yield [r["pk"] for r in rows]
+        finally:
+            iterator.close()
+
+    def count(self, catalog: str, expression: str = "") -> int:
+        opened = self.collection(catalog, create=False)
+        with self._errors("count"):
+            result = self._require().query(
+                opened.name,
+                filter=expression,
+                output_fields=["count(*)"],
+                consistency_level=self.settings.read_consistency,
+                timeout=self.settings.timeout_seconds,
+            )
+        return int(result[0]["count(*)"])
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def write(
         self,
-        name: str,
-        code: bytes | list[float],
-        limit: int,
-        expression: str,
-        params: dict[str, Any],
-        vectors: bool,
-        raw: bool,
-    ) -> list[Row]:
-        s, client = self.settings, self._require()
-        extra = [VECTOR, RAW] if vectors and raw else [VECTOR] if vectors else []
+        catalog: str,
+        rows: list[Row],
+        stored: np.ndarray,
+        raw: Sequence[np.ndarray | None],
+        stale_pks: Sequence[str] = (),
+        *,
+        new_pks: set[str] | None = None,
+    ) -> None:
+        """Write rows (their scalar fields) with their stored vectors [len(rows), dim] (unit
+        length) and, where it differs, the vector as embedded; then delete `stale_pks` (rows
+        the items no longer have). Full vectors go first, so that a row Milvus returns always
+        has its vectors. Rows whose pk is in `new_pks` are known not to exist: they are
+        inserted rather than upserted (milvus-lite's upsert deletes first)."""
+        opened = self.collection(catalog, create=True)
+        self._check_dim(opened, stored.shape[-1])
+        layout = opened.layout
+        stored_records = packed.quantise(stored)
+        with_raw = [i for i, r in enumerate(raw) if r is not None]
+        raw_records: list[bytes | None] = [None] * len(rows)
+        if with_raw:
+            quantised = packed.quantise(np.stack([raw[i] for i in with_raw]))  # type: ignore[misc]
+            for i, record in zip(with_raw, quantised, strict=True):
+                raw_records[i] = record
+        ann = self._codes(layout, stored)
+        for row, code in zip(rows, ann, strict=True):
+            row[CODE] = code
+            if not layout.source_uri:
+                row.pop(SOURCE_URI, None)
+        self._stores[layout.vectors].put(opened.name, rows, stored_records, raw_records)
+        fresh = [r for r in rows if new_pks is not None and r["pk"] in new_pks]
+        replacing = [r for r in rows if new_pks is None or r["pk"] not in new_pks]
+        timeout = self.settings.timeout_seconds
+        with self._errors("upsert"):
+            for start in range(0, len(fresh), WRITE_ROWS):
+                opened.columns.insert(
+                    _columns(opened, fresh[start : start + WRITE_ROWS]), timeout=timeout
+                )
+            for start in range(0, len(replacing), WRITE_ROWS):
+                opened.columns.upsert(
+                    _columns(opened, replacing[start : start + WRITE_ROWS]), timeout=timeout
+                )
+        self.delete_pks(catalog, stale_pks)
+
+    def delete_pks(self, catalog: str, pks: Sequence[str]) -> None:
+        """Delete these rows (Milvus first, then their vectors)."""
+        if not pks:
+            return
+        opened = self.collection(catalog, create=False)
+        client, s = self._require(), self.settings
+        with self._errors("delete"):
+            for start in range(0, len(pks), KEYS_PER_QUERY):
+                listed = ", ".join(self._quote(pk) for pk in pks[start : start + KEYS_PER_QUERY])
+                client.delete(opened.name, filter=f"pk in [{listed}]", timeout=s.timeout_seconds)
+        self._stores[opened.layout.vectors].delete(opened.name, pks)
+
+    def flush(self, catalog: str) -> None:
+        """Seal the catalogue's growing segments (a server), so that its index is built on
+        them: until a segment is sealed, Milvus searches it exhaustively."""
+        if self.settings.is_lite:
+            return
+        opened = self.collection(catalog, create=False)
+        with self._errors("flush"):
+            self._require().flush(opened.name, timeout=self.settings.timeout_seconds)
+
+    def index_progress(self, catalog: str) -> tuple[int, int]:
+        """(indexed rows, total rows) of the catalogue's ANN index, as Milvus reports them."""
+        opened = self.collection(catalog, create=False)
+        with self._errors("describe index"):
+            index = self._require().describe_index(
+                opened.name, CODE, timeout=self.settings.timeout_seconds
+            )
+        return int(index.get("indexed_rows", 0)), int(index.get("total_rows", 0))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _codes(self, layout: CatalogLayout, vectors: np.ndarray) -> list[Any]:
+        if layout.binary:
+            return codes.binary_codes(vectors, layout.code)
+        result: list[list[float]] = np.asarray(vectors, np.float32).tolist()
+        return result
+
+    def _search_codes(
+        self, opened: OpenCatalog, queries: np.ndarray, limit: int, expression: str
+    ) -> list[list[Hit]]:
+        """Per query, the nearest rows by the compact index, with the cosine its distance
+        implies."""
+        s, layout = self.settings, opened.layout
+        data: list[Any] = self._codes(layout, queries)
+        params = index_params.for_limit(opened.index_type, opened.search_params, limit)
         with self._errors("search"):
-            results = client.search(
-                name,
-                data=[code],
+            results = self._require().search(
+                opened.name,
+                data=data,
                 anns_field=CODE,
                 limit=limit,
                 filter=expression,
-                filter_params=params,
-                output_fields=[*FIELDS, *extra],
-                search_params={"metric_type": self._metric(), "params": dict(s.search_params)},
-                consistency_level="Strong",
+                output_fields=["item_id"],
+                search_params={"metric_type": layout.metric, "params": params},
+                consistency_level=s.read_consistency,
                 timeout=s.timeout_seconds,
             )
-        bits = codes.code_bits(s.dim)
-        rows = []
-        for hit in results[0]:
-            row = {**hit["entity"]}
-            if s.candidate_code == "binary":
-                row["score"] = codes.hamming_to_cosine(float(hit["distance"]), bits)
-            else:
-                row["score"] = float(hit["distance"])
-            if raw and vectors and row.get(RAW):
-                row[VECTOR] = row[RAW]
-            row.pop(RAW, None)
-            rows.append(row)
-        return rows
+        bits = codes.code_bits(layout.dim)
 
-    def whole_image_rows(self, catalog: str) -> list[Row]:
-        """Every whole-image row of the catalogue, with its vectors (the batch job's input)."""
-        s, client = self.settings, self._require()
-        name = self.collection(catalog, create=False)
+        def score(distance: float) -> float:
+            return codes.hamming_to_cosine(distance, bits) if layout.binary else distance
+
+        return [
+            [Hit(h["id"], h["entity"]["item_id"], score(float(h["distance"]))) for h in hits]
+            for hits in results
+        ]
+
+    def _with_vectors(self, opened: OpenCatalog, rows: list[Row], *, raw: bool) -> list[Row]:
+        found, matrix = self._stores[opened.layout.vectors].get(
+            opened.name, opened.layout, [r["pk"] for r in rows], raw=raw
+        )
+        by_pk = dict(zip(found, matrix, strict=True))
+        kept = []
+        for row in rows:
+            if row["pk"] in by_pk:
+                row["vector"] = by_pk[row["pk"]]
+                kept.append(row)
+        return kept
+
+    def _fields(self, opened: OpenCatalog) -> list[str]:
+        fields = ["pk", *FIELDS]
+        return [*fields, SOURCE_URI] if opened.layout.source_uri else fields
+
+    def _fetch_rows(
+        self,
+        collection: str,
+        pks: Sequence[str],
+        fields: list[str],
+        consistency: str | None = None,
+    ) -> list[Row]:
+        """The rows with these primary keys. (MilvusClient.get would not quote ids with a
+        quote in them.)"""
         rows: list[Row] = []
-        with self._errors("read catalogue"):
-            iterator = client.query_iterator(
-                name,
-                batch_size=PAGE,
-                filter="object_index == 0",
-                output_fields=["pk", *FIELDS, CODE, VECTOR, RAW],
-                timeout=s.timeout_seconds,
-            )
-            try:
-                while page := iterator.next():
-                    rows.extend(page)
-            finally:
-                iterator.close()
+        client, s = self._require(), self.settings
+        for start in range(0, len(pks), KEYS_PER_QUERY):
+            listed = ", ".join(self._quote(pk) for pk in pks[start : start + KEYS_PER_QUERY])
+            with self._errors("query"):
+                rows.extend(
+                    client.query(
+                        collection,
+                        filter=f"pk in [{listed}]",
+                        output_fields=fields,
+                        consistency_level=consistency or s.read_consistency,
+                        timeout=s.timeout_seconds,
+                    )
+                )
         return rows
 
-    def write_rows(self, catalog: str, rows: list[Row]) -> None:
-        s, client = self.settings, self._require()
-        name = self.collection(catalog, create=False)
-        with self._errors("upsert"):
-            for start in range(0, len(rows), WRITE_PAGE):
-                client.upsert(name, rows[start : start + WRITE_PAGE], timeout=s.timeout_seconds)
-
-    def count(self, catalog: str, expression: str = "") -> int:
-        name = self.collection(catalog, create=False)
-        with self._errors("count"):
-            return self._count(name, expression)
-
-    # -- helpers -----------------------------------------------------------------------------
+    def _check_dim(self, opened: OpenCatalog, dim: int) -> None:
+        if dim != opened.layout.dim:
+            raise WrongDimension(
+                f"catalog holds {opened.layout.dim}-d vectors; got {dim}-d (another model? "
+                "index into a new catalogue)"
+            )
 
     def _quote(self, text: str) -> str:
         return quote(text, lite=self.settings.is_lite)
 
-    def _count(self, name: str, expression: str) -> int:
-        s = self.settings
-        result = self._require().query(
-            name,
-            filter=expression,
-            output_fields=["count(*)"],
-            consistency_level="Strong",
-            timeout=s.timeout_seconds,
-        )
-        return int(result[0]["count(*)"])
-
-    def _query(self, name: str, expression: str, vectors: bool, limit: int) -> list[Row]:
+    def _query(
+        self,
+        opened: OpenCatalog,
+        expression: str,
+        fields: list[str],
+        *,
+        limit: int = MILVUS_MAX_TOPK,
+        consistency: str | None = None,
+    ) -> list[Row]:
         s, client = self.settings, self._require()
         with self._errors("query"):
             return list(
                 client.query(
-                    name,
+                    opened.name,
                     filter=expression,
-                    output_fields=[*FIELDS, VECTOR] if vectors else FIELDS,
+                    output_fields=fields,
                     limit=limit,
-                    consistency_level="Strong",
+                    consistency_level=consistency or s.read_consistency,
                     timeout=s.timeout_seconds,
                 )
             )
@@ -467,3 +727,8 @@ class MilvusStore:
             raise StoreUnavailable(
                 f"Milvus at {self.settings.milvus_uri}: {action} failed: {error.message}"
             ) from None
+
+
+def _columns(opened: OpenCatalog, rows: list[Row]) -> list[list[Any]]:
+    """Rows as one list of values per field, in the schema's order."""
+    return [[row[field.name] for row in rows] for field in opened.columns.schema.fields]

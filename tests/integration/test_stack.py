@@ -12,27 +12,21 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.support import free_ports
+from loupe.v1 import common_pb2, gateway_pb2
+from tests.integration.stacks import SERVICES, Stack, metric_value, running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("LOUPE_SHARED_DIR", ROOT.parent / "shared"))
 COREL = SHARED / "data" / "corel1k" / "images"
 COCO = SHARED / "data" / "coco128-val"
-LOUPE = str(Path(sys.executable).parent / "loupe")
-SERVICES = ("gateway", "detection", "embedding", "retrieval", "ranking")
 # A COCO val image whose ground truth has a person covering most of the frame.
 COCO_PERSON = "000000001296"
 
@@ -50,81 +44,10 @@ def corel_class(item_id: str) -> int:
     return int(Path(item_id).stem) // 100
 
 
-@dataclass
-class Stack:
-    data_dir: Path
-    env: dict[str, str]
-    ports: dict[str, int]
-    metrics_ports: dict[str, int]
-    gateway: str
-
-    def loupe(
-        self, *args: str, check: bool = True, timeout: float = 900
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [LOUPE, *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"loupe {' '.join(args[:3])} exited {result.returncode}\n"
-                f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}"
-            )
-        return result
-
-    def stub(self) -> gateway_pb2_grpc.GatewayStub:
-        channel = grpc.insecure_channel(
-            self.gateway, options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
-        return gateway_pb2_grpc.GatewayStub(channel)
-
-    def metrics(self, service: str) -> str:
-        url = f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
-
-    def health(self, service: str, name: str = "") -> int:
-        with grpc.insecure_channel(f"127.0.0.1:{self.ports[service]}") as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=name), timeout=5
-            )
-        return reply.status
-
-    def state(self) -> dict:
-        return json.loads((self.data_dir / "run" / "stack.json").read_text())
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        sample, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in sample for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("loupe-data")
-    ports = free_ports(2 * len(SERVICES) + 1)
-    env = dict(os.environ)
-    grpc_ports = dict(zip(SERVICES, ports[: len(SERVICES)], strict=True))
-    metrics_ports = dict(zip(SERVICES, ports[len(SERVICES) : 2 * len(SERVICES)], strict=True))
-    for name in SERVICES:
-        env[f"LOUPE_{name.upper()}_PORT"] = str(grpc_ports[name])
-        env[f"LOUPE_{name.upper()}_METRICS_PORT"] = str(metrics_ports[name])
-    env["LOUPE_REDIS_PORT"] = str(ports[-1])
-    env["LOUPE_GATEWAY"] = f"127.0.0.1:{grpc_ports['gateway']}"
-    # Short enough that the Redis-outage test sees the gateway try Redis again.
-    env["LOUPE_REDIS_RETRY_SECONDS"] = "1"
-    running = Stack(data_dir, env, grpc_ports, metrics_ports, env["LOUPE_GATEWAY"])
-    running.loupe("up", "--data-dir", str(data_dir))
-    try:
+    with running_stack(tmp_path_factory.mktemp("loupe-data")) as running:
         yield running
-    finally:
-        running.loupe("down", "--data-dir", str(data_dir), check=False)
 
 
 @pytest.fixture(scope="module")

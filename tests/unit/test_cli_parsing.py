@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.main import UsageError, image_files, parse_box, parse_metadata, parse_where
+from services.cli.main import image_files
+from services.cli.parsing import UsageError, parse_box, parse_metadata, parse_where
 
 
 def test_where_builds_each_condition_kind() -> None:

@@ -81,3 +81,28 @@ def test_negative_similarities_do_not_push_away() -> None:
     opposite = np.array([[-1.0, 0.0]], np.float32)
     result = augmentation.augment(vector, opposite, np.array([-1.0]), alpha=1.0)
     assert np.allclose(result, vector)
+
+
+def test_v2_hyperplanes_sum_to_zero_and_ignore_a_shared_offset() -> None:
+    planes = codes.zero_sum_hyperplanes(64, 64)
+    assert np.abs(planes.sum(axis=0)).max() < 1e-4
+    vectors = unit_rows(5, 64)
+    shifted = vectors + 0.3  # every dimension up by the same amount (ReLU features share one)
+    assert codes.binary_codes(vectors, codes.SIMHASH_V2) == codes.binary_codes(
+        shifted, codes.SIMHASH_V2
+    )
+    assert codes.binary_codes(vectors, codes.SIMHASH_V1) != codes.binary_codes(
+        shifted, codes.SIMHASH_V1
+    )
+
+
+def test_layouts_are_recorded_and_read_back() -> None:
+    from services.retrieval.layout import SIDECAR, CatalogLayout, legacy_layout
+
+    layout = CatalogLayout(code=codes.SIMHASH_V2, dim=1280, vectors=SIDECAR)
+    assert CatalogLayout.from_description(layout.description()) == layout
+    assert (layout.code_bytes, layout.stored_vector_bytes, layout.metric) == (160, 1284, "HAMMING")
+    assert CatalogLayout.from_description("") is None
+    assert CatalogLayout.from_description('{"other": 1}') is None
+    old = legacy_layout(binary=True, dim=1280)
+    assert (old.code, old.encoding, old.source_uri) == (codes.SIMHASH_V1, "float32", False)

@@ -5,8 +5,9 @@ import pytest
 
 from loupe.v1 import common_pb2 as c
 from loupe.v1 import ranking_pb2, retrieval_pb2
+from services.common.vectors import as_array
 from services.ranking import scoring
-from services.ranking.service import InvalidRequest, RankingService, as_array
+from services.ranking.service import InvalidRequest, RankingService
 from services.ranking.settings import RankingSettings
 
 QUERY = [1.0, 0.0, 0.0]

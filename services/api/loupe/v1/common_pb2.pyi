@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -51,6 +52,24 @@ class Vector(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PackedVectors(_message.Message):
+    __slots__ = ("encoding", "dimension", "data")
+    class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ENCODING_UNSPECIFIED: _ClassVar[PackedVectors.Encoding]
+        FLOAT32: _ClassVar[PackedVectors.Encoding]
+        FLOAT16: _ClassVar[PackedVectors.Encoding]
+    ENCODING_UNSPECIFIED: PackedVectors.Encoding
+    FLOAT32: PackedVectors.Encoding
+    FLOAT16: PackedVectors.Encoding
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    encoding: PackedVectors.Encoding
+    dimension: int
+    data: bytes
+    def __init__(self, encoding: _Optional[_Union[PackedVectors.Encoding, str]] = ..., dimension: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("all",)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IndexRequest(_message.Message):
-    __slots__ = ("item_id", "image", "metadata", "detect", "skip_duplicates", "catalog")
+    __slots__ = ("item_id", "image", "metadata", "detect", "skip_duplicates", "catalog", "source_uri")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,13 +24,15 @@ class IndexRequest(_message.Message):
     DETECT_FIELD_NUMBER: _ClassVar[int]
     SKIP_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     image: bytes
     metadata: _containers.MessageMap[str, _common_pb2.Value]
     detect: bool
     skip_duplicates: bool
     catalog: str
-    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., detect: _Optional[bool] = ..., skip_duplicates: _Optional[bool] = ..., catalog: _Optional[str] = ...) -> None: ...
+    source_uri: str
+    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., detect: _Optional[bool] = ..., skip_duplicates: _Optional[bool] = ..., catalog: _Optional[str] = ..., source_uri: _Optional[str] = ...) -> None: ...
 
 class Duplicate(_message.Message):
     __slots__ = ("item_id", "kind", "similarity")

@@ -8,8 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RankingInfo(_message.Message):
+    __slots__ = ("metadata_fields",)
+    METADATA_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    metadata_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, metadata_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RankRequest(_message.Message):
-    __slots__ = ("query", "candidates", "top_k", "query_metadata")
+    __slots__ = ("query", "candidates", "top_k", "query_metadata", "vectors")
     class QueryMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,11 +27,13 @@ class RankRequest(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     QUERY_METADATA_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     query: _common_pb2.Vector
     candidates: _containers.RepeatedCompositeFieldContainer[_retrieval_pb2.Candidate]
     top_k: int
     query_metadata: _containers.MessageMap[str, _common_pb2.Value]
-    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[_retrieval_pb2.Candidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., query_metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ...) -> None: ...
+    vectors: _common_pb2.PackedVectors
+    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[_retrieval_pb2.Candidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., query_metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., vectors: _Optional[_Union[_common_pb2.PackedVectors, _Mapping]] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("hits",)

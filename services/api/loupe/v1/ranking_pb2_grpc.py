@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 from loupe.v1 import ranking_pb2 as loupe_dot_v1_dot_ranking__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -40,6 +41,11 @@ class RankingServiceStub:
                 request_serializer=loupe_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/loupe.v1.RankingService/Describe',
+                request_serializer=loupe_dot_v1_dot_common__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_ranking__pb2.RankingInfo.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -52,6 +58,13 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """What ranking reads from candidates, so that callers send no more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=loupe_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=loupe_dot_v1_dot_common__pb2.DescribeRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_ranking__pb2.RankingInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class RankingService:
             '/loupe.v1.RankingService/Rank',
             loupe_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             loupe_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RankingService/Describe',
+            loupe_dot_v1_dot_common__pb2.DescribeRequest.SerializeToString,
+            loupe_dot_v1_dot_ranking__pb2.RankingInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,7 +22,7 @@ class StoredObject(_message.Message):
     def __init__(self, object_index: _Optional[int] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., label: _Optional[str] = ..., detection_score: _Optional[float] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ...) -> None: ...
 
 class StoredItem(_message.Message):
-    __slots__ = ("item_id", "content_hash", "model_version", "metadata", "image_width", "image_height", "objects")
+    __slots__ = ("item_id", "content_hash", "model_version", "metadata", "image_width", "image_height", "objects", "source_uri")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class StoredItem(_message.Message):
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     content_hash: str
     model_version: str
@@ -44,23 +45,69 @@ class StoredItem(_message.Message):
     image_width: int
     image_height: int
     objects: _containers.RepeatedCompositeFieldContainer[StoredObject]
-    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[StoredObject, _Mapping]]] = ...) -> None: ...
+    source_uri: str
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[StoredObject, _Mapping]]] = ..., source_uri: _Optional[str] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("item", "catalog")
+    __slots__ = ("item", "catalog", "near_duplicate_threshold", "skip_duplicates")
     ITEM_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
+    NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SKIP_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     item: StoredItem
     catalog: str
-    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ..., catalog: _Optional[str] = ...) -> None: ...
+    near_duplicate_threshold: float
+    skip_duplicates: bool
+    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ..., catalog: _Optional[str] = ..., near_duplicate_threshold: _Optional[float] = ..., skip_duplicates: _Optional[bool] = ...) -> None: ...
+
+class DuplicateItem(_message.Message):
+    __slots__ = ("item_id", "exact", "similarity")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    exact: bool
+    similarity: float
+    def __init__(self, item_id: _Optional[str] = ..., exact: _Optional[bool] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("rows", "replaced")
+    __slots__ = ("rows", "replaced", "duplicates", "written", "same_content")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SAME_CONTENT_FIELD_NUMBER: _ClassVar[int]
     rows: int
     replaced: bool
-    def __init__(self, rows: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
+    duplicates: _containers.RepeatedCompositeFieldContainer[DuplicateItem]
+    written: bool
+    same_content: bool
+    def __init__(self, rows: _Optional[int] = ..., replaced: _Optional[bool] = ..., duplicates: _Optional[_Iterable[_Union[DuplicateItem, _Mapping]]] = ..., written: _Optional[bool] = ..., same_content: _Optional[bool] = ...) -> None: ...
+
+class UpdateItemRequest(_message.Message):
+    __slots__ = ("item_id", "catalog", "metadata", "source_uri")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Value, _Mapping]] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    catalog: str
+    metadata: _containers.MessageMap[str, _common_pb2.Value]
+    source_uri: str
+    def __init__(self, item_id: _Optional[str] = ..., catalog: _Optional[str] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., source_uri: _Optional[str] = ...) -> None: ...
+
+class UpdateItemResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class DeleteItemRequest(_message.Message):
     __slots__ = ("item_id", "catalog")
@@ -146,10 +193,12 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., object_index: _Optional[int] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., label: _Optional[str] = ..., ann_score: _Optional[float] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class RetrievalSearchResponse(_message.Message):
-    __slots__ = ("candidates",)
+    __slots__ = ("candidates", "vectors")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    vectors: _common_pb2.PackedVectors
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., vectors: _Optional[_Union[_common_pb2.PackedVectors, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("catalog",)
@@ -158,7 +207,7 @@ class StatsRequest(_message.Message):
     def __init__(self, catalog: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores", "catalog", "items", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours")
+    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores", "catalog", "items", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +219,10 @@ class StatsResponse(_message.Message):
     CODE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FULL_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     DBA_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_STORE_FIELD_NUMBER: _ClassVar[int]
+    STORED_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVERSAMPLING_FIELD_NUMBER: _ClassVar[int]
     rows: int
     collection: str
     dimension: int
@@ -181,7 +234,11 @@ class StatsResponse(_message.Message):
     code_bytes: int
     full_vector_bytes: int
     dba_neighbours: int
-    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ..., catalog: _Optional[str] = ..., items: _Optional[int] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ...) -> None: ...
+    code: str
+    vector_store: str
+    stored_vector_bytes: int
+    oversampling: int
+    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ..., catalog: _Optional[str] = ..., items: _Optional[int] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ..., code: _Optional[str] = ..., vector_store: _Optional[str] = ..., stored_vector_bytes: _Optional[int] = ..., oversampling: _Optional[int] = ...) -> None: ...
 
 class RetrievalListCatalogsRequest(_message.Message):
     __slots__ = ()

@@ -75,6 +75,11 @@ class RetrievalServiceStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.AugmentRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.AugmentResponse.FromString,
                 _registered_method=True)
+        self.UpdateItem = channel.unary_unary(
+                '/loupe.v1.RetrievalService/UpdateItem',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -136,6 +141,13 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateItem(self, request, context):
+        """Rewrites an item's metadata and source URI, keeping its vectors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Augment,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.AugmentRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.AugmentResponse.SerializeToString,
+            ),
+            'UpdateItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateItem,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +414,33 @@ class RetrievalService:
             '/loupe.v1.RetrievalService/Augment',
             loupe_dot_v1_dot_retrieval__pb2.AugmentRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.AugmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/UpdateItem',
+            loupe_dot_v1_dot_retrieval__pb2.UpdateItemRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.UpdateItemResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,72 @@
+"""Command-line arguments as API messages: metadata, filters, boxes, values.
+
+Shared by the `loupe` commands (main.py) and manifest ingestion (manifest.py).
+"""
+
+from __future__ import annotations
+
+from loupe.v1 import common_pb2
+
+# Below the gateway's default LOUPE_MAX_MESSAGE_BYTES (32 MiB), leaving room for metadata.
+MAX_IMAGE_BYTES = 30 << 20
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_value(text: str) -> common_pb2.Value:
+    """`true`/`false` are booleans, anything float() reads is a number, "quoted" is a string."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return common_pb2.Value(string_value=text[1:-1])
+    if text in ("true", "false"):
+        return common_pb2.Value(bool_value=text == "true")
+    try:
+        return common_pb2.Value(number_value=float(text))
+    except ValueError:
+        return common_pb2.Value(string_value=text)
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, common_pb2.Value]:
+    metadata = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--meta {pair!r}: expected KEY=VALUE")
+        metadata[key] = parse_value(value)
+    return metadata
+
+
+def parse_where(conditions: list[str]) -> common_pb2.Filter:
+    """KEY=V, KEY!=V, KEY=V1|V2 (any of), KEY>=N, KEY>N, KEY<=N, KEY<N; all must hold."""
+    result = common_pb2.Filter()
+    for text in conditions:
+        for op in ("!=", ">=", "<=", "=", ">", "<"):
+            key, sep, value = text.partition(op)
+            if sep and key and value:
+                break
+        else:
+            raise UsageError(f"--where {text!r}: expected KEY=VALUE, KEY!=VALUE, KEY>=N, ...")
+        condition = result.all.add(field=key)
+        if op == "=" and "|" in value:
+            condition.any_of.values.extend(parse_value(v) for v in value.split("|"))
+        elif op == "=":
+            condition.equals.CopyFrom(parse_value(value))
+        elif op == "!=":
+            condition.not_equals.CopyFrom(parse_value(value))
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                raise UsageError(f"--where {text!r}: {op} needs a number") from None
+            bound = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}[op]
+            setattr(condition.range, bound, number)
+    return result
+
+
+def parse_box(text: str) -> common_pb2.Box:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--box {text!r}: expected x0,y0,x1,y1 in pixels") from None
+    return common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1)

@@ -1,0 +1,274 @@
+"""Where a catalogue's full-precision vectors live, beside the compact index.
+
+Every row has two: the vector as stored (for the whole image, augmented by DBA), which ranking
+re-scores candidates with, and the vector as embedded ("raw"; kept only where it differs),
+which duplicate detection and the DBA batch job start from. Both are int8 with a scale
+(services/common/vectors.py).
+
+- `SidecarVectors` (milvus-lite, the embedded default): an SQLite file beside milvus-lite's.
+  milvus-lite keeps every field of every row in memory (no mmap), so vectors in its rows
+  would cost their size again in resident memory; SQLite reads them from disk through the
+  page cache, and a search needs only the few thousand it re-scores. Written before the
+  Milvus rows, deleted after them, so a row Milvus returns has its vectors.
+- `FieldVectors` (a Milvus server, and catalogues made before the sidecar): base64 text in
+  VARCHAR fields of the rows themselves, which every Milvus from 2.3 on can hold, and which
+  replicas of retrieval on other machines share.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from services.common import vectors as packed
+from services.retrieval.layout import SIDECAR, CatalogLayout
+
+# The two vector fields of a FIELDS collection.
+VECTOR = "vector"
+RAW = "raw"
+# Pages of 16 KiB hold six rows of two 1284-byte vectors; SQLite's default 4 KiB pages would
+# hold one and waste a third of the file.
+PAGE_SIZE = 16384
+# Pages SQLite keeps in its own cache per connection: bounded, whatever the catalogue's size
+# (the OS page cache holds the rest, outside the process).
+CACHE_PAGES = 512
+# Keys per `IN (...)` statement (SQLite allows 32766 parameters).
+KEYS_PER_STATEMENT = 4096
+
+# fetch(collection, pks, output_fields) -> those rows: the store's query by primary key, with
+# its consistency and error mapping.
+FetchRows = Callable[[str, Sequence[str], list[str]], list[dict[str, Any]]]
+
+
+class VectorStore(Protocol):
+    """Full vectors of a catalogue's rows, by primary key."""
+
+    kind: str
+
+    def prepare(self, collection: str) -> None:
+        """Make room for a new collection's vectors."""
+        ...
+
+    def put(
+        self,
+        collection: str,
+        rows: list[dict[str, Any]],
+        stored: Sequence[bytes],
+        raw: Sequence[bytes | None],
+    ) -> None:
+        """Record each row's stored vector and, where it differs, its raw one (quantised
+        records). FieldVectors puts them into the rows; SidecarVectors writes them now."""
+        ...
+
+    def get(
+        self, collection: str, layout: CatalogLayout, pks: Sequence[str], *, raw: bool
+    ) -> tuple[list[str], np.ndarray]:
+        """The pks found, in the order asked, and their vectors [found, dim] as float32:
+        the raw ones when `raw` (the stored one where the raw is the same)."""
+        ...
+
+    def delete(self, collection: str, pks: Sequence[str]) -> None: ...
+
+    def drop(self, collection: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FieldVectors:
+    """Vectors as base64 text in the VECTOR and RAW fields of the Milvus rows."""
+
+    kind = "fields"
+
+    def __init__(self, fetch: FetchRows) -> None:
+        self._fetch = fetch
+
+    def prepare(self, collection: str) -> None:
+        return None
+
+    def put(
+        self,
+        collection: str,
+        rows: list[dict[str, Any]],
+        stored: Sequence[bytes],
+        raw: Sequence[bytes | None],
+    ) -> None:
+        for row, vector, original in zip(rows, stored, raw, strict=True):
+            row[VECTOR] = base64.b64encode(vector).decode("ascii")
+            row[RAW] = base64.b64encode(original).decode("ascii") if original else ""
+
+    def get(
+        self, collection: str, layout: CatalogLayout, pks: Sequence[str], *, raw: bool
+    ) -> tuple[list[str], np.ndarray]:
+        found: dict[str, bytes] = {}
+        fields = [VECTOR, RAW] if raw else [VECTOR]
+        for chunk in _chunks(pks):
+            for row in self._fetch(collection, chunk, fields):
+                text = (row.get(RAW) or row[VECTOR]) if raw else row[VECTOR]
+                found[row["pk"]] = base64.b64decode(text)
+        order = [pk for pk in pks if pk in found]
+        return order, _matrix([found[pk] for pk in order], layout)
+
+    def delete(self, collection: str, pks: Sequence[str]) -> None:
+        return None  # the rows go, and their fields with them
+
+    def drop(self, collection: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    @staticmethod
+    def field_length(layout: CatalogLayout) -> int:
+        """VARCHAR length of the vector fields: base64 of one stored record."""
+        return 4 * math.ceil(layout.stored_vector_bytes / 3)
+
+
+class SidecarVectors:
+    """Vectors in an SQLite file: one table per collection, keyed by row pk."""
+
+    kind = SIDECAR
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        # SQLite takes one writer at a time; a lock makes writers queue here rather than
+        # spin on SQLITE_BUSY.
+        self._write_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        with self._connection() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        # page_size applies when the file is created; harmless afterwards.
+        connection.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        # WAL: readers never wait for a writer. NORMAL: a commit survives the process being
+        # killed (what milvus-lite also promises), not a power cut.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(f"PRAGMA cache_size={CACHE_PAGES}")
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection (an sqlite3 connection is not for concurrent use)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._open()
+        yield connection
+
+    @staticmethod
+    def _table(collection: str) -> str:
+        # Collection names are [A-Za-z0-9_] (settings and catalog rules), so quoting is enough.
+        return f'"v__{collection}"'
+
+    def prepare(self, collection: str) -> None:
+        with self._write_lock, self._connection() as connection:
+            connection.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._table(collection)} "
+                "(pk TEXT PRIMARY KEY, vector BLOB NOT NULL, raw BLOB) WITHOUT ROWID"
+            )
+
+    def put(
+        self,
+        collection: str,
+        rows: list[dict[str, Any]],
+        stored: Sequence[bytes],
+        raw: Sequence[bytes | None],
+    ) -> None:
+        values = [
+            (row["pk"], vector, original)
+            for row, vector, original in zip(rows, stored, raw, strict=True)
+        ]
+        with self._write_lock, self._connection() as connection:
+            connection.execute("BEGIN")
+            try:
+                connection.executemany(
+                    f"INSERT OR REPLACE INTO {self._table(collection)} (pk, vector, raw) "
+                    "VALUES (?, ?, ?)",
+                    values,
+                )
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+
+    def get(
+        self, collection: str, layout: CatalogLayout, pks: Sequence[str], *, raw: bool
+    ) -> tuple[list[str], np.ndarray]:
+        column = "coalesce(raw, vector)" if raw else "vector"
+        found: dict[str, bytes] = {}
+        with self._connection() as connection:
+            for chunk in _chunks(pks):
+                marks = ", ".join("?" * len(chunk))
+                cursor = connection.execute(
+                    f"SELECT pk, {column} FROM {self._table(collection)} WHERE pk IN ({marks})",
+                    chunk,
+                )
+                found.update(cursor.fetchall())
+        order = [pk for pk in pks if pk in found]
+        return order, _matrix([found[pk] for pk in order], layout)
+
+    def delete(self, collection: str, pks: Sequence[str]) -> None:
+        if not pks:
+            return
+        with self._write_lock, self._connection() as connection:
+            for chunk in _chunks(pks):
+                marks = ", ".join("?" * len(chunk))
+                connection.execute(
+                    f"DELETE FROM {self._table(collection)} WHERE pk IN ({marks})", chunk
+                )
+
+    def drop(self, collection: str) -> None:
+        with self._write_lock, self._connection() as connection:
+            connection.execute(f"DROP TABLE IF EXISTS {self._table(collection)}")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+def sidecar_path(milvus_file: str) -> Path:
+    """The sidecar beside a milvus-lite file: milvus.db -> milvus.vectors.sqlite."""
+    path = Path(milvus_file)
+    return path.with_name(f"{path.stem}.vectors.sqlite")
+
+
+def _matrix(records: list[bytes], layout: CatalogLayout) -> np.ndarray:
+    """[len(records), dim] float32. Records are int8 with a scale, except in a catalogue made
+    before that encoding, whose older rows hold float32 (told apart by their length)."""
+    quantised = packed.stored_bytes(layout.dim)
+    if all(len(record) == quantised for record in records):
+        return packed.dequantise(records, layout.dim)
+    matrix = np.empty((len(records), layout.dim), np.float32)
+    for row, record in enumerate(records):
+        if len(record) == quantised:
+            matrix[row] = packed.dequantise([record], layout.dim)[0]
+        elif len(record) == 4 * layout.dim:
+            matrix[row] = np.frombuffer(record, "<f4")
+        else:
+            raise packed.InvalidVectors(
+                f"a stored vector of {len(record)} bytes in a {layout.dim}-d catalogue"
+            )
+    return matrix
+
+
+def _chunks(items: Sequence[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), KEYS_PER_STATEMENT):
+        yield list(items[start : start + KEYS_PER_STATEMENT])
