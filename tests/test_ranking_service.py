@@ -59,3 +59,41 @@ def test_rank_rejects_mismatched_dimensions(stub) -> None:
         stub.Rank(request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "3-d vector; the query is 2-d" in error.value.details()
+
+
+def test_packed_vectors_rank_like_per_candidate_ones(stub) -> None:
+    """Candidate vectors as one packed float16 matrix (what the gateway forwards from
+    retrieval) give the order per-candidate vectors give."""
+    import numpy as np
+
+    from services.common import vectors
+
+    rng = np.random.default_rng(2)
+    matrix = vectors.unit_rows(rng.standard_normal((30, 16))).astype(np.float32)
+    query = c.Vector(values=matrix[0].tolist())
+    ids = [f"item-{k}" for k in range(30)]
+    packed = ranking_pb2.RankRequest(
+        query=query,
+        top_k=10,
+        candidates=[retrieval_pb2.Candidate(item_id=i) for i in ids],
+        vectors=vectors.pack(matrix, vectors.FLOAT16),
+    )
+    each = ranking_pb2.RankRequest(
+        query=query,
+        top_k=10,
+        candidates=[
+            retrieval_pb2.Candidate(item_id=i, vector=c.Vector(values=row.tolist()))
+            for i, row in zip(ids, matrix, strict=True)
+        ],
+    )
+    assert [h.item_id for h in stub.Rank(packed).hits] == [h.item_id for h in stub.Rank(each).hits]
+    packed.vectors.data = packed.vectors.data[:-2]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Rank(packed)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "for 30 rows of dimension 16" in error.value.details()
+
+
+def test_describe_names_the_fields_ranking_reads(stub) -> None:
+    info = stub.Describe(c.DescribeRequest())
+    assert list(info.metadata_fields) == ["popularity", "category"]

@@ -89,10 +89,14 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
 
         similarity = np.array([c.ann_score for c in candidates], dtype=np.float64)
         matrix, with_vector = self._vectors(request, query.size)
+        unit_query = (query / np.linalg.norm(query)).astype(np.float32)
         if matrix is not None:
             if not np.isfinite(matrix).all():
                 raise InvalidRequest("candidate vectors must be finite")
-            similarity[with_vector] = scoring.cosine(query, matrix)
+            # Normalised once, in float32: every cosine below is then one product (a
+            # hundred 1280-d rows: float64 copies of them cost more than the arithmetic).
+            matrix = vectors.unit_rows(matrix.astype(np.float32))
+            similarity[with_vector] = matrix @ unit_query
         if not np.isfinite(similarity).all():
             raise InvalidRequest("candidate ann_score values must be finite")
         # Query expansion needs every candidate's vector: without them (an index whose
@@ -108,7 +112,7 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
                 s.qe_neighbours,
                 s.qe_alpha,
             )
-            expanded = scoring.cosine(expanded_query, matrix)
+            expanded = (matrix @ expanded_query.astype(np.float32)).astype(np.float64)
 
         popularity = scoring.popularity(
             np.array([_number(c.metadata, s.popularity_field) for c in candidates]),

@@ -334,7 +334,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             code=layout.code,
             vector_store=layout.vectors,
             stored_vector_bytes=layout.stored_vector_bytes,
-            oversampling=1 if opened.exact else self.settings.oversampling,
+            oversampling=self.store.oversampling(catalog),
         )
 
     @_rpc

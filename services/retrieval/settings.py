@@ -61,8 +61,9 @@ class RetrievalSettings:
     # Consistency of searches and lookups on a Milvus server. Writes check what exists with
     # Strong consistency whatever this says.
     read_consistency: str
-    # Candidates the compact index proposes per candidate returned, re-scored with the full
-    # vectors first (binary codes and approximate float indexes).
+    # Candidates the compact index proposes per candidate returned at 1 M items, re-scored
+    # with the full vectors (binary codes and approximate float indexes; store.py scales it
+    # with the catalogue's size).
     oversampling: int
     # Most items written to Milvus in one batch (concurrent Upserts are coalesced).
     write_batch_items: int

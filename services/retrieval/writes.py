@@ -190,65 +190,81 @@ Run = Callable[[str, list[PendingItem]], Awaitable[list[Outcome]]]
 
 
 class WriteQueue:
-    """Coalesces concurrent writes into batches per catalogue; one batch at a time, so that
-    writes to an item land in the order they were acknowledged."""
+    """Coalesces concurrent writes into batches per catalogue. Up to `max_batches` batches
+    are written at once (one searches Milvus while another writes), never two holding the
+    same item, so that writes to an item land in the order they were acknowledged."""
 
-    def __init__(self, run: Run, max_items: int) -> None:
+    def __init__(self, run: Run, max_items: int, max_batches: int = 2) -> None:
         self._run = run
         self._max_items = max_items
+        self._max_batches = max_batches
         self._queue: deque[_Queued] = deque()
-        self._worker: asyncio.Task[None] | None = None
+        # (catalogue, item id) of the items in batches being written.
+        self._in_flight: set[tuple[str, str]] = set()
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, catalog: str, item: PendingItem) -> Outcome:
-        loop = asyncio.get_running_loop()
-        queued = _Queued(catalog, item, loop.create_future())
+        queued = _Queued(catalog, item, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._drain(), name="retrieval-writes")
+        self._dispatch()
         return await queued.future
 
-    async def _drain(self) -> None:
-        while self._queue:
+    def _dispatch(self) -> None:
+        while self._queue and len(self._running) < self._max_batches:
             batch = self._take()
-            BATCH_ITEMS.observe(len(batch))
-            try:
-                with BATCH_SECONDS.time():
-                    outcomes = await self._run(batch[0].catalog, [q.item for q in batch])
-            except Exception as error:  # every caller of the batch gets the error
-                for queued in batch:
-                    if not queued.future.done():
-                        queued.future.set_exception(error)
-                continue
-            for queued, outcome in zip(batch, outcomes, strict=True):
+            if not batch:
+                return  # what is queued waits for an earlier write of the same item
+            task = asyncio.get_running_loop().create_task(self._write(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._dispatch()
+
+    async def _write(self, batch: list[_Queued]) -> None:
+        keys = {(q.catalog, q.item.item_id) for q in batch}
+        self._in_flight |= keys
+        BATCH_ITEMS.observe(len(batch))
+        try:
+            with BATCH_SECONDS.time():
+                outcomes = await self._run(batch[0].catalog, [q.item for q in batch])
+        except Exception as error:  # every caller of the batch gets the error
+            for queued in batch:
                 if not queued.future.done():
-                    queued.future.set_result(outcome)
+                    queued.future.set_exception(error)
+            return
+        finally:
+            self._in_flight -= keys
+        for queued, outcome in zip(batch, outcomes, strict=True):
+            if not queued.future.done():
+                queued.future.set_result(outcome)
 
     def _take(self) -> list[_Queued]:
-        """The oldest item's catalogue: its queued items, oldest first, up to the maximum,
-        each item id once (a second write of an id waits for the next batch)."""
-        catalog = self._queue[0].catalog
+        """The oldest catalogue with something writable: its queued items, oldest first, up
+        to the maximum, each item id once and none being written now (a later write of an id
+        waits for the earlier one)."""
         batch: list[_Queued] = []
-        ids: set[str] = set()
+        catalog = ""
+        blocked: set[tuple[str, str]] = set(self._in_flight)
         rest: deque[_Queued] = deque()
         while self._queue:
             queued = self._queue.popleft()
+            key = (queued.catalog, queued.item.item_id)
             taken = (
-                len(batch) < self._max_items
-                and queued.catalog == catalog
-                and queued.item.item_id not in ids
-                # Nothing overtakes an earlier write of the same id left behind.
-                and not any(
-                    r.catalog == catalog and r.item.item_id == queued.item.item_id for r in rest
-                )
+                key not in blocked
+                and len(batch) < self._max_items
+                and (not batch or queued.catalog == catalog)
             )
             if taken:
                 batch.append(queued)
-                ids.add(queued.item.item_id)
+                catalog = queued.catalog
             else:
                 rest.append(queued)
+            # Whatever comes later for this item must not overtake this one.
+            blocked.add(key)
         self._queue = rest
         return batch
 
     async def close(self) -> None:
-        if self._worker is not None:
-            await asyncio.gather(self._worker, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)

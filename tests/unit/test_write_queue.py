@@ -14,50 +14,43 @@ def pending(item_id: str) -> PendingItem:
 
 def test_concurrent_writes_are_coalesced_and_each_id_is_written_in_order() -> None:
     batches: list[tuple[str, list[str]]] = []
+    events: list[tuple[str, str, str]] = []  # (start|end, catalog, item id)
+    running = 0
+    most_running = 0
 
     async def run(catalog: str, items: list[PendingItem]) -> list[Outcome]:
+        nonlocal running, most_running
         batches.append((catalog, [i.item_id for i in items]))
+        events.extend(("start", catalog, i.item_id) for i in items)
+        running += 1
+        most_running = max(most_running, running)
         await asyncio.sleep(0.01)  # a write takes time: later calls queue meanwhile
+        running -= 1
+        events.extend(("end", catalog, i.item_id) for i in items)
         return [Outcome(True, False, False) for _ in items]
 
     async def main() -> None:
-        queue = WriteQueue(run, max_items=4)
+        queue = WriteQueue(run, max_items=4, max_batches=2)
         calls = [
             queue.submit("a", pending("1")),
             queue.submit("a", pending("2")),
             queue.submit("b", pending("1")),
-            queue.submit("a", pending("1")),  # the same id again: a later batch
-            queue.submit("a", pending("3")),
-            queue.submit("a", pending("4")),
-            queue.submit("a", pending("5")),
-            queue.submit("a", pending("6")),
+            queue.submit("a", pending("1")),  # the same id again: after the first one
+            *(queue.submit("a", pending(str(k))) for k in range(3, 12)),
         ]
         outcomes = await asyncio.gather(*calls)
         assert all(o.written for o in outcomes)
         await queue.close()
 
     asyncio.run(main())
-    # Everything was queued before the worker ran: the oldest catalogue's items first, up
-    # to 4, each id once; the second write of a/1 waits for a later batch.
-    assert batches[0] == ("a", ["1", "2", "3", "4"])
-    firsts = [n for n, (catalog, items) in enumerate(batches) if catalog == "a" and "1" in items]
-    assert len(firsts) == 2 and firsts[0] == 0
-    flat = [(catalog, item) for catalog, items in batches for item in items]
-    assert sorted(flat) == sorted(
-        [
-            ("a", "1"),
-            ("a", "2"),
-            ("b", "1"),
-            ("a", "1"),
-            ("a", "3"),
-            ("a", "4"),
-            ("a", "5"),
-            ("a", "6"),
-        ]
-    )
-    assert all(len(items) <= 4 for _, items in batches)
-    assert all(len(set(items)) == len(items) for _, items in batches)
-    assert len(batches) < 8
+    flat = sorted((catalog, item) for catalog, items in batches for item in items)
+    expected = [("a", "1"), ("a", "2"), ("b", "1"), ("a", "1")]
+    assert flat == sorted(expected + [("a", str(k)) for k in range(3, 12)])
+    assert all(len(items) <= 4 and len(set(items)) == len(items) for _, items in batches)
+    assert most_running == 2 and len(batches) < 13
+    # The second write of a/1 started only once the first had ended.
+    a1 = [n for n, event in enumerate(events) if event[1:] == ("a", "1")]
+    assert [events[n][0] for n in a1] == ["start", "end", "start", "end"]
 
 
 def test_a_failed_batch_fails_each_of_its_callers_and_the_queue_goes_on() -> None:
