@@ -19,3 +19,8 @@ echo "==> building the model repository (models/)"
 # in its own virtualenv (.cache/triton-env) because it needs numpy < 2 (tools/triton_repository.py).
 echo "==> tritonserver for the Triton tests (.cache/triton-env)"
 .venv/bin/python tools/triton_repository.py setup >/dev/null
+# A real Milvus server (2.3.5, the newest the `milvus` wheel has for Linux) for the retrieval
+# store's tests, which run against milvus-lite and this server (tests/server), in its own
+# virtualenv (.cache/milvus-env) so that its pins never touch .venv (tools/milvus_server.py).
+echo "==> Milvus server for the retrieval tests (.cache/milvus-env)"
+.venv/bin/python tools/milvus_server.py setup >/dev/null

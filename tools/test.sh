@@ -12,5 +12,7 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy services models tools
 tools/check_helm.sh
+# tests/server runs tests/test_retrieval_service.py once more, against the Milvus server that
+# tools/setup.sh installed (milvus-lite for the first run): about two minutes more.
 echo "==> pytest"
 .venv/bin/python -m pytest "$@"

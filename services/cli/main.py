@@ -43,7 +43,9 @@ from services.cli.parsing import (
 )
 
 INDEX_CHUNK = 32
-INDEX_STREAMS_IN_FLIGHT = 2
+# A stream answers when its last item is written: with three out, the gateway always has
+# a chunk to work on while another finishes.
+INDEX_STREAMS_IN_FLIGHT = 3
 SEARCHES_IN_FLIGHT = 4
 
 

@@ -43,6 +43,8 @@ from services.retrieval.writes import Outcome, PendingItem, WriteQueue, write_ba
 
 DEFAULT_LOOKUP_LIMIT = 10
 MAX_LOOKUP_LIMIT = 100
+# Items per Lookup by item_ids and per UpsertItems call.
+MAX_ITEMS_PER_CALL = 1000
 # VARCHAR(64) fields of the schema; a Milvus server counts their length in UTF-8 bytes.
 MAX_SHORT_TEXT_BYTES = 64
 # How long writes must pause before a server's growing segments are sealed (flushed) when
@@ -142,6 +144,32 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     @_rpc
     async def Upsert(self, request: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertResponse:
         self._require_writer("Upsert")
+        return await self._upsert(request)
+
+    @_rpc
+    async def UpsertItems(
+        self, request: retrieval_pb2.UpsertItemsRequest
+    ) -> retrieval_pb2.UpsertItemsResponse:
+        """Each item as its own Upsert, all queued at once so they share batches."""
+        self._require_writer("UpsertItems")
+        if len(request.items) > MAX_ITEMS_PER_CALL:
+            raise InvalidRequest(
+                f"{len(request.items)} items; at most {MAX_ITEMS_PER_CALL} per UpsertItems"
+            )
+
+        async def one(item: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertItemResult:
+            try:
+                return retrieval_pb2.UpsertItemResult(response=await self._upsert(item))
+            except CALLER_ERRORS as error:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            except StoreUnavailable as error:
+                code, message = grpc.StatusCode.UNAVAILABLE, str(error)
+            return retrieval_pb2.UpsertItemResult(code=code.value[0], error=message)
+
+        results = await asyncio.gather(*(one(item) for item in request.items))
+        return retrieval_pb2.UpsertItemsResponse(results=results)
+
+    async def _upsert(self, request: retrieval_pb2.UpsertRequest) -> retrieval_pb2.UpsertResponse:
         catalog = resolve_catalog(request.catalog)
         if not 0 <= request.near_duplicate_threshold <= 1:
             raise InvalidRequest(
@@ -178,6 +206,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def _dimension(self, catalog: str) -> int:
         """The catalogue's vector dimension; the configured one for a catalogue not made yet."""
+        known = self.store.opened(catalog)
+        if known is not None:
+            return known.layout.dim
         try:
             opened = await asyncio.to_thread(self.store.collection, catalog, create=False)
         except CatalogNotFound:
@@ -257,6 +288,13 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                 check_item_id(request.item_id),
                 vectors=request.include_vectors,
             )
+        elif key == "item_ids":
+            ids = [check_item_id(i) for i in request.item_ids.ids]
+            if len(ids) > MAX_ITEMS_PER_CALL:
+                raise InvalidRequest(f"{len(ids)} item ids; at most {MAX_ITEMS_PER_CALL}")
+            read = functools.partial(
+                self.store.items_rows, catalog, ids, vectors=request.include_vectors
+            )
         elif key == "content_hash":
             limit = request.limit or DEFAULT_LOOKUP_LIMIT
             if not request.content_hash or not 0 < limit <= MAX_LOOKUP_LIMIT:
@@ -272,7 +310,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                 vectors=request.include_vectors,
             )
         else:
-            raise InvalidRequest("set item_id or content_hash")
+            raise InvalidRequest("set item_id, item_ids or content_hash")
         rows = await asyncio.to_thread(read)
         if not rows and self.gate.busy(catalog):
             # The batch job rewrites rows, and milvus-lite's upsert is a delete then an

@@ -69,8 +69,10 @@ MAX_OBJECTS = 1000
 SCALAR_INDEXED = ("item_id", "content_hash")
 # Separates the prefix from the catalogue name in a collection name.
 SEPARATOR = "__"
-# Rows per Milvus upsert call, and pks per `pk in [...]` expression.
+# Rows per Milvus upsert call, and pks per `pk in [...]` expression; up to FEW_ROWS rows go
+# row by row (MilvusStore._send).
 WRITE_ROWS = 1000
+FEW_ROWS = 8
 KEYS_PER_QUERY = 2000
 # Items returned per content hash when looking for exact duplicates.
 SAME_HASH_LIMIT = 10
@@ -113,6 +115,12 @@ class OpenCatalog:
     # For writes: pymilvus's column-based insert converts a batch field by field, where
     # MilvusClient's row-based one converts value by value (0.1 against 0.3-0.7 ms a row).
     columns: Collection
+    # Where its full vectors (and, in the sidecar, a copy of its fields) are.
+    vectors: VectorStore
+
+    @property
+    def sidecar(self) -> SidecarVectors | None:
+        return self.vectors if isinstance(self.vectors, SidecarVectors) else None
 
     @property
     def exact(self) -> bool:
@@ -152,7 +160,8 @@ class MilvusStore:
         self._lock = threading.Lock()
         # Items per catalogue, and when they were counted (oversampling).
         self._item_counts: dict[str, tuple[int, float]] = {}
-        self._stores: dict[str, VectorStore] = {ROW_FIELDS: FieldVectors(self._fetch_rows)}
+        self._sidecar: SidecarVectors | None = None
+        self._stores: dict[str, VectorStore] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -161,7 +170,7 @@ class MilvusStore:
         s = self.settings
         if s.is_lite:
             Path(s.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
-            self._stores[SIDECAR] = SidecarVectors(sidecar_path(s.milvus_uri))
+            self._stores[SIDECAR] = self._sidecar = SidecarVectors(sidecar_path(s.milvus_uri))
         with self._errors("connect"):
             self._client = MilvusClient(
                 uri=s.milvus_uri, token=s.milvus_token, db_name=s.db_name, timeout=s.timeout_seconds
@@ -200,6 +209,10 @@ class MilvusStore:
     def collection_name(self, catalog: str) -> str:
         return f"{self.settings.collection_prefix}{SEPARATOR}{catalog}"
 
+    def opened(self, catalog: str) -> OpenCatalog | None:
+        """The catalogue if this store has opened it already (no call to Milvus)."""
+        return self._open.get(self.collection_name(catalog))
+
     def collection(self, catalog: str, *, create: bool) -> OpenCatalog:
         """The catalogue's collection, loaded; created first when `create`."""
         name = self.collection_name(catalog)
@@ -225,14 +238,18 @@ class MilvusStore:
             # The configured search parameters apply to indexes of the configured type; a
             # catalogue indexed otherwise searches with its type's defaults.
             configured = s.search_params if index_type == s.index_type else {}
+            vectors = self._stores.get(layout.vectors) or FieldVectors(
+                self._fetch_rows, self._fields(layout)[1:]
+            )
+            vectors.prepare(name)
             opened = OpenCatalog(
                 name,
                 layout,
                 index_type,
                 index_params.search_params(index_type, configured),
                 Collection(name, using=self._alias),
+                vectors,
             )
-            self._stores[layout.vectors].prepare(name)
             self._open[name] = opened
         return opened
 
@@ -254,8 +271,9 @@ class MilvusStore:
             if not client.has_collection(name, timeout=s.timeout_seconds):
                 return False
             layout = opened.layout if opened else self._layout_of(name)
+            if layout.vectors == SIDECAR and self._sidecar is not None:
+                self._sidecar.drop(name)
             client.drop_collection(name, timeout=s.timeout_seconds)
-            self._stores[layout.vectors].drop(name)
         log.info("catalogue dropped", extra={"collection": name})
         return True
 
@@ -359,11 +377,29 @@ class MilvusStore:
             opened = self.collection(catalog, create=False)
         except CatalogNotFound:
             return []
-        rows = self._query(opened, f"item_id == {self._quote(item_id)}", self._fields(opened))
+        if opened.sidecar is not None:
+            rows = opened.sidecar.item_rows(opened.name, [item_id])
+        else:
+            expression = f"item_id == {self._quote(item_id)}"
+            rows = self._query(opened, expression, self._fields(opened.layout))
         rows.sort(key=lambda r: r["object_index"])
         if vectors:
             rows = self._with_vectors(opened, rows, raw=raw)
         return rows
+
+    def items_rows(self, catalog: str, item_ids: Sequence[str], *, vectors: bool) -> list[Row]:
+        """Every row of these items, grouped by item, object 0 first (one query)."""
+        try:
+            opened = self.collection(catalog, create=False)
+        except CatalogNotFound:
+            return []
+        if opened.sidecar is not None:
+            rows = opened.sidecar.item_rows(opened.name, item_ids)
+        else:
+            listed = ", ".join(self._quote(i) for i in dict.fromkeys(item_ids))
+            rows = self._query(opened, f"item_id in [{listed}]", self._fields(opened.layout))
+        rows.sort(key=lambda r: (r["item_id"], r["object_index"]))
+        return self._with_vectors(opened, rows, raw=False) if vectors else rows
 
     def rows_by_hash(
         self, catalog: str, content_hash: str, limit: int, *, vectors: bool
@@ -373,19 +409,19 @@ class MilvusStore:
             opened = self.collection(catalog, create=False)
         except CatalogNotFound:
             return []
-        firsts = self._query(
-            opened,
-            f"content_hash == {self._quote(content_hash)} and object_index == 0",
-            ["item_id"],
-            limit=limit,
-        )
-        item_ids = sorted({r["item_id"] for r in firsts})
+        if opened.sidecar is not None:
+            firsts = opened.sidecar.hash_rows(opened.name, [content_hash])
+        else:
+            firsts = self._query(
+                opened,
+                f"content_hash == {self._quote(content_hash)} and object_index == 0",
+                ["item_id"],
+                limit=limit,
+            )
+        item_ids = sorted({r["item_id"] for r in firsts})[:limit]
         if not item_ids:
             return []
-        ids = ", ".join(self._quote(i) for i in item_ids)
-        rows = self._query(opened, f"item_id in [{ids}]", self._fields(opened))
-        rows.sort(key=lambda r: (r["item_id"], r["object_index"]))
-        return self._with_vectors(opened, rows, raw=False) if vectors else rows
+        return self.items_rows(catalog, item_ids, vectors=vectors)
 
     def search(
         self,
@@ -416,9 +452,7 @@ class MilvusStore:
                 scores = np.array([hit.score for hit in hits], dtype=np.float64)
                 matrix = None
             else:
-                pks, matrix = self._stores[opened.layout.vectors].get(
-                    opened.name, opened.layout, pks, raw=False
-                )
+                pks, matrix = opened.vectors.get(opened.name, opened.layout, pks, raw=False)
                 scores = packed.unit_rows(matrix) @ unit_query if len(pks) else np.empty(0)
             order = np.argsort(-scores, kind="stable")
             chosen: list[int] = []
@@ -437,7 +471,7 @@ class MilvusStore:
                 break
             fetch = min(2 * fetch, MILVUS_MAX_TOPK)
         winners = [pks[i] for i in chosen]
-        rows = self._stores[opened.layout.vectors].candidates(opened.name, winners)
+        rows = opened.vectors.rows(opened.name, winners)
         found = [i for i in chosen if pks[i] in rows]
         result = []
         for i in found:
@@ -445,7 +479,7 @@ class MilvusStore:
             row["score"] = float(scores[i])
             result.append(row)
         if matrix is None:
-            found_pks, vectors = self._stores[opened.layout.vectors].get(
+            found_pks, vectors = opened.vectors.get(
                 opened.name, opened.layout, [r["pk"] for r in result], raw=False
             )
             keep = set(found_pks)
@@ -493,7 +527,7 @@ class MilvusStore:
         self, catalog: str, pks: Sequence[str], *, raw: bool
     ) -> tuple[list[str], np.ndarray]:
         opened = self.collection(catalog, create=False)
-        return self._stores[opened.layout.vectors].get(opened.name, opened.layout, pks, raw=raw)
+        return opened.vectors.get(opened.name, opened.layout, pks, raw=raw)
 
     def existing(
         self, catalog: str, item_ids: Sequence[str], hashes: Sequence[str]
@@ -505,6 +539,11 @@ class MilvusStore:
             opened = self.collection(catalog, create=False)
         except CatalogNotFound:
             return [], []
+        if opened.sidecar is not None:
+            return (
+                opened.sidecar.item_rows(opened.name, item_ids),
+                opened.sidecar.hash_rows(opened.name, [h for h in hashes if h]),
+            )
         ids = ", ".join(self._quote(i) for i in dict.fromkeys(item_ids))
         listed_hashes = ", ".join(self._quote(h) for h in dict.fromkeys(hashes) if h)
         expression = f"item_id in [{ids}]"
@@ -527,7 +566,9 @@ class MilvusStore:
         """The rows with these pks, every field (and the code when `code`: to write them
         back), read with Strong consistency."""
         opened = self.collection(catalog, create=False)
-        fields = ["pk", *self._fields(opened)] + ([CODE] if code else [])
+        if opened.sidecar is not None and not code:
+            return list(opened.sidecar.rows(opened.name, pks).values())
+        fields = [*self._fields(opened.layout), *([CODE] if code else [])]
         return self._fetch_rows(opened.name, pks, fields, consistency="Strong")
 
     def whole_image_pks(self, catalog: str, page: int) -> Iterator[list[str]]:
@@ -577,9 +618,10 @@ class MilvusStore:
     ) -> None:
         """Write rows (their scalar fields) with their stored vectors [len(rows), dim] (unit
         length) and, where it differs, the vector as embedded; then delete `stale_pks` (rows
-        the items no longer have). Full vectors go first, so that a row Milvus returns always
-        has its vectors. Rows whose pk is in `new_pks` are known not to exist: they are
-        inserted rather than upserted (milvus-lite's upsert deletes first)."""
+        the items no longer have). With a sidecar, it is written after Milvus (the commit
+        point, vector_store.py); otherwise the vectors travel in the rows. Rows whose pk is
+        in `new_pks` are known not to exist: they are inserted rather than upserted
+        (milvus-lite's upsert deletes first)."""
         opened = self.collection(catalog, create=True)
         self._check_dim(opened, stored.shape[-1])
         layout = opened.layout
@@ -595,32 +637,43 @@ class MilvusStore:
             row[CODE] = code
             if not layout.source_uri:
                 row.pop(SOURCE_URI, None)
-        self._stores[layout.vectors].put(opened.name, rows, stored_records, raw_records)
+        if opened.sidecar is None:
+            opened.vectors.put(opened.name, rows, stored_records, raw_records)
         fresh = [r for r in rows if new_pks is not None and r["pk"] in new_pks]
         replacing = [r for r in rows if new_pks is None or r["pk"] not in new_pks]
-        timeout = self.settings.timeout_seconds
         with self._errors("upsert"):
-            for start in range(0, len(fresh), WRITE_ROWS):
-                opened.columns.insert(
-                    _columns(opened, fresh[start : start + WRITE_ROWS]), timeout=timeout
-                )
-            for start in range(0, len(replacing), WRITE_ROWS):
-                opened.columns.upsert(
-                    _columns(opened, replacing[start : start + WRITE_ROWS]), timeout=timeout
-                )
+            self._send(opened, fresh, insert=True)
+            self._send(opened, replacing, insert=False)
+        if opened.sidecar is not None:
+            opened.sidecar.put(opened.name, rows, stored_records, raw_records)
         self.delete_pks(catalog, stale_pks)
 
+    def _send(self, opened: OpenCatalog, rows: list[Row], *, insert: bool) -> None:
+        """Insert (rows known to be new) or upsert rows: column by column for a batch, row
+        by row for a few (pymilvus's column path costs more per call, less per row)."""
+        timeout = self.settings.timeout_seconds
+        if 0 < len(rows) <= FEW_ROWS:
+            send = self._require().insert if insert else self._require().upsert
+            send(opened.name, rows, timeout=timeout)
+            return
+        for start in range(0, len(rows), WRITE_ROWS):
+            columns = _columns(opened, rows[start : start + WRITE_ROWS])
+            if insert:
+                opened.columns.insert(columns, timeout=timeout)
+            else:
+                opened.columns.upsert(columns, timeout=timeout)
+
     def delete_pks(self, catalog: str, pks: Sequence[str]) -> None:
-        """Delete these rows (Milvus first, then their vectors)."""
+        """Delete these rows (from the sidecar first: vector_store.py)."""
         if not pks:
             return
         opened = self.collection(catalog, create=False)
+        opened.vectors.delete(opened.name, pks)
         client, s = self._require(), self.settings
         with self._errors("delete"):
             for start in range(0, len(pks), KEYS_PER_QUERY):
                 listed = ", ".join(self._quote(pk) for pk in pks[start : start + KEYS_PER_QUERY])
                 client.delete(opened.name, filter=f"pk in [{listed}]", timeout=s.timeout_seconds)
-        self._stores[opened.layout.vectors].delete(opened.name, pks)
 
     def flush(self, catalog: str) -> None:
         """Seal the catalogue's growing segments (a server), so that its index is built on
@@ -684,7 +737,7 @@ class MilvusStore:
         ]
 
     def _with_vectors(self, opened: OpenCatalog, rows: list[Row], *, raw: bool) -> list[Row]:
-        found, matrix = self._stores[opened.layout.vectors].get(
+        found, matrix = opened.vectors.get(
             opened.name, opened.layout, [r["pk"] for r in rows], raw=raw
         )
         by_pk = dict(zip(found, matrix, strict=True))
@@ -695,9 +748,10 @@ class MilvusStore:
                 kept.append(row)
         return kept
 
-    def _fields(self, opened: OpenCatalog) -> list[str]:
+    @staticmethod
+    def _fields(layout: CatalogLayout) -> list[str]:
         fields = ["pk", *FIELDS]
-        return [*fields, SOURCE_URI] if opened.layout.source_uri else fields
+        return [*fields, SOURCE_URI] if layout.source_uri else fields
 
     def _fetch_rows(
         self,

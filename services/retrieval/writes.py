@@ -202,14 +202,21 @@ class WriteQueue:
         # (catalogue, item id) of the items in batches being written.
         self._in_flight: set[tuple[str, str]] = set()
         self._running: set[asyncio.Task[None]] = set()
+        self._dispatch_scheduled = False
 
     async def submit(self, catalog: str, item: PendingItem) -> Outcome:
-        queued = _Queued(catalog, item, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        queued = _Queued(catalog, item, loop.create_future())
         self._queue.append(queued)
-        self._dispatch()
+        if not self._dispatch_scheduled:
+            # On the loop's next turn: the other items of an UpsertItems call (and any call
+            # made meanwhile) are queued by then and join the same batch.
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
         return await queued.future
 
     def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
         while self._queue and len(self._running) < self._max_batches:
             batch = self._take()
             if not batch:

@@ -84,6 +84,28 @@ class UpsertResponse(_message.Message):
     same_content: bool
     def __init__(self, rows: _Optional[int] = ..., replaced: _Optional[bool] = ..., duplicates: _Optional[_Iterable[_Union[DuplicateItem, _Mapping]]] = ..., written: _Optional[bool] = ..., same_content: _Optional[bool] = ...) -> None: ...
 
+class UpsertItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[UpsertRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[UpsertRequest, _Mapping]]] = ...) -> None: ...
+
+class UpsertItemResult(_message.Message):
+    __slots__ = ("code", "error", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    error: str
+    response: UpsertResponse
+    def __init__(self, code: _Optional[int] = ..., error: _Optional[str] = ..., response: _Optional[_Union[UpsertResponse, _Mapping]] = ...) -> None: ...
+
+class UpsertItemsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[UpsertItemResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[UpsertItemResult, _Mapping]]] = ...) -> None: ...
+
 class UpdateItemRequest(_message.Message):
     __slots__ = ("item_id", "catalog", "metadata", "source_uri")
     class MetadataEntry(_message.Message):
@@ -124,18 +146,26 @@ class DeleteItemResponse(_message.Message):
     def __init__(self, rows_deleted: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("item_id", "content_hash", "include_vectors", "limit", "catalog")
+    __slots__ = ("item_id", "content_hash", "item_ids", "include_vectors", "limit", "catalog")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     content_hash: str
+    item_ids: ItemIds
     include_vectors: bool
     limit: int
     catalog: str
-    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., include_vectors: _Optional[bool] = ..., limit: _Optional[int] = ..., catalog: _Optional[str] = ...) -> None: ...
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., item_ids: _Optional[_Union[ItemIds, _Mapping]] = ..., include_vectors: _Optional[bool] = ..., limit: _Optional[int] = ..., catalog: _Optional[str] = ...) -> None: ...
+
+class ItemIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("items",)

@@ -40,6 +40,11 @@ class RetrievalServiceStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.UpsertRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpsertResponse.FromString,
                 _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/loupe.v1.RetrievalService/UpsertItems',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/loupe.v1.RetrievalService/Delete',
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.DeleteItemRequest.SerializeToString,
@@ -88,6 +93,14 @@ class RetrievalServiceServicer:
 
     def Upsert(self, request, context):
         """Replaces every row of the item: idempotent by item id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertItems(self, request, context):
+        """Many Upserts in one call (bulk ingestion); one result per item, in order, a bad item
+        never failing the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +168,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Upsert,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpsertRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.UpsertResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.UpsertItemsResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -225,6 +243,33 @@ class RetrievalService:
             '/loupe.v1.RetrievalService/Upsert',
             loupe_dot_v1_dot_retrieval__pb2.UpsertRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.UpsertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/UpsertItems',
+            loupe_dot_v1_dot_retrieval__pb2.UpsertItemsRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.UpsertItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
