@@ -310,7 +310,7 @@ def test_whole_images_only(stub) -> None:
         ("Delete", r.DeleteItemRequest(), "item_id is empty"),
         ("Delete", r.DeleteItemRequest(item_id="x", catalog="Shoes"), "catalog 'Shoes'"),
         ("Upsert", r.UpsertRequest(item=r.StoredItem(item_id="x"), catalog="a-b"), "catalog"),
-        ("Lookup", r.LookupRequest(), "set item_id or content_hash"),
+        ("Lookup", r.LookupRequest(), "set item_id, item_ids or content_hash"),
     ],
 )
 def test_caller_errors_are_invalid_argument(stub, call: str, request_, message: str) -> None:
