@@ -38,10 +38,20 @@ from tests.deploy.chart import (
 PROFILES = ("default", "dev", "gpu")
 PREFIX = f"{RELEASE}"  # the release name contains the chart name: objects are "loupe-<component>"
 SERVER_SIDE_CODES = {"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN", "DATA_LOSS"}
+# The retrieval writer: a second workload of the retrieval program, rendered with an external
+# Milvus (every profile but dev, whose embedded milvus-lite pod writes itself).
+WRITER = "retrieval-writer"
+# The program each component runs (`loupe serve <program>`): its own name but for the writer.
+PROGRAM = {**{s: s for s in SERVICES}, WRITER: "retrieval"}
 
 
 def name_of(component_name: str) -> str:
     return f"{PREFIX}-{component_name}"
+
+
+def components(profile: str) -> tuple[str, ...]:
+    """The Loupe workloads a profile renders (Triton aside)."""
+    return SERVICES if profile == "dev" else (*SERVICES, WRITER)
 
 
 def all_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,7 +85,7 @@ def test_every_object_is_in_the_release_namespace_and_labelled(docs: list[dict])
 
 
 def test_the_expected_workloads_are_rendered(profile: str, docs: list[dict]) -> None:
-    expected = {name_of(s) for s in SERVICES}
+    expected = {name_of(s) for s in components(profile)}
     if profile == "gpu":
         expected.add(name_of("triton"))
     assert {d["metadata"]["name"] for d in workloads(docs)} == expected
@@ -106,7 +116,7 @@ def test_loupe_services_are_probed_on_grpc_health(docs: list[dict]) -> None:
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == ports["grpc"], probe
-        assert container["args"] == [component(doc)]
+        assert container["args"] == [PROGRAM[component(doc)]]
 
 
 def test_triton_is_probed_on_its_health_endpoints() -> None:
@@ -229,7 +239,7 @@ def _pods_labelled(peer: dict) -> str:
 
 
 def test_network_policies_admit_only_the_callers(profile: str, docs: list[dict]) -> None:
-    callers = {name: {"gateway"} for name in SERVICES if name != "gateway"}
+    callers = {name: {"gateway"} for name in components(profile) if name != "gateway"}
     callers["triton"] = {"detection", "embedding"}
     metrics_from = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"][
         "metricsFrom"
@@ -265,7 +275,7 @@ def test_egress_is_restricted_to_what_each_component_calls(profile: str, docs: l
         }
         expected: set[str] = set()
         if name == "gateway":
-            expected = set(SERVICES) - {"gateway"}
+            expected = set(components(profile)) - {"gateway"}
         elif name in ("detection", "embedding") and profile == "gpu":
             expected = {"triton"}
         assert in_release == expected, name
@@ -302,7 +312,8 @@ def test_autoscaled_deployments_leave_replicas_to_their_hpa(profile: str, docs: 
     if profile == "dev":
         assert not hpas
     else:
-        assert set(hpas) == set(deployments), "every service autoscales in production profiles"
+        # Every service autoscales in production profiles, but the one retrieval writer.
+        assert set(hpas) == set(deployments) - {name_of(WRITER)}
 
 
 def test_triton_can_scale_on_queue_time() -> None:
@@ -343,6 +354,9 @@ def test_rollouts_never_drop_capacity(profile: str, docs: list[dict]) -> None:
             assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
         elif profile == "dev" and component(doc) == "retrieval":
             assert strategy == {"type": "Recreate"}
+        elif component(doc) == WRITER:
+            # Two writers must never overlap: the old one goes before the new one starts.
+            assert strategy == {"type": "Recreate"}
         else:
             assert strategy["rollingUpdate"]["maxUnavailable"] == 0
 
@@ -356,14 +370,15 @@ def _env(docs: list[dict], name: str) -> dict[str, str]:
 
 def test_configuration_agrees_with_the_pod_spec(profile: str, docs: list[dict]) -> None:
     services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
-    for name in SERVICES:
+    for name in components(profile):
         env = _env(docs, name)
         deployment = named(docs, "Deployment", name_of(name))
         (container,) = pod_spec(deployment)["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        program = PROGRAM[name].upper()
         assert env["LOUPE_LISTEN_HOST"] == "0.0.0.0"
-        assert int(env[f"LOUPE_{name.upper()}_PORT"]) == ports["grpc"]
-        assert int(env[f"LOUPE_{name.upper()}_METRICS_PORT"]) == ports["metrics"]
+        assert int(env[f"LOUPE_{program}_PORT"]) == ports["grpc"]
+        assert int(env[f"LOUPE_{program}_METRICS_PORT"]) == ports["metrics"]
         assert container["envFrom"] == [{"configMapRef": {"name": name_of(name)}}]
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert "checksum/config" in annotations, "a config change must roll the pods"
@@ -373,11 +388,14 @@ def test_configuration_agrees_with_the_pod_spec(profile: str, docs: list[dict]) 
             expected_backend = "triton" if profile == "gpu" else "onnxruntime"
             assert env["LOUPE_INFERENCE_BACKEND"] == expected_backend
     gateway = _env(docs, "gateway")
-    for backend in SERVICES[1:]:
-        host, port = gateway[f"LOUPE_{backend.upper()}_ADDR"].rsplit(":", 1)
+    # Reads go to the retrieval readers, writes to the writer (the one retrieval pod in dev).
+    addresses = {f"LOUPE_{backend.upper()}_ADDR": backend for backend in SERVICES[1:]}
+    addresses["LOUPE_RETRIEVAL_WRITER_ADDR"] = "retrieval" if profile == "dev" else WRITER
+    for variable, backend in addresses.items():
+        host, port = gateway[variable].rsplit(":", 1)
         service_ports = {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}
         assert service_ports["grpc"] == int(port)
-        assert component(services[host]) == backend
+        assert component(services[host]) == backend, variable
 
 
 def test_model_services_call_the_release_triton() -> None:
@@ -416,15 +434,25 @@ def test_a_model_repository_on_a_pvc_is_mounted_read_only() -> None:
         assert claim == {"claimName": "loupe-models", "readOnly": True}
 
 
-def _secret_refs(docs: list[dict]) -> dict[str, tuple[str, str]]:
-    refs = {}
+def _secret_refs_by_workload(docs: list[dict]) -> dict[str, dict[str, tuple[str, str]]]:
+    """Each workload's component: its env variables that come from a Secret (name, key)."""
+    refs: dict[str, dict[str, tuple[str, str]]] = {}
     for doc in workloads(docs):
         for container in pod_spec(doc)["containers"]:
             for variable in container.get("env", []):
                 ref = variable.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
-                    refs[variable["name"]] = (ref["name"], ref["key"])
+                    own = refs.setdefault(component(doc), {})
+                    own[variable["name"]] = (ref["name"], ref["key"])
     return refs
+
+
+def _secret_refs(docs: list[dict]) -> dict[str, tuple[str, str]]:
+    return {
+        variable: ref
+        for own in _secret_refs_by_workload(docs).values()
+        for variable, ref in own.items()
+    }
 
 
 def test_credentials_come_from_a_secret(profile: str, docs: list[dict]) -> None:
@@ -438,6 +466,191 @@ def test_credentials_come_from_a_secret(profile: str, docs: list[dict]) -> None:
         assert name == RELEASE and key in secret["data"]
     for config_map in of_kind(docs, "ConfigMap"):
         assert not {"LOUPE_REDIS_PASSWORD", "LOUPE_MILVUS_TOKEN"} & set(config_map["data"])
+    # Who gets which: the gateway caches, retrieval (readers and writer) invalidates the cache
+    # and reaches Milvus; the same Secret key everywhere.
+    by_workload = _secret_refs_by_workload(docs)
+    assert set(by_workload) == {"gateway", "retrieval", WRITER}
+    assert set(by_workload["gateway"]) == {"LOUPE_REDIS_PASSWORD"}
+    for name in ("retrieval", WRITER):
+        assert set(by_workload[name]) == {"LOUPE_REDIS_PASSWORD", "LOUPE_MILVUS_TOKEN"}
+        assert (
+            by_workload[name]["LOUPE_REDIS_PASSWORD"]
+            == by_workload["gateway"]["LOUPE_REDIS_PASSWORD"]
+        )
+
+
+@pytest.mark.parametrize("production", ["default", "gpu"])
+def test_retrieval_invalidates_the_gateway_cache(production: str) -> None:
+    """Retrieval bumps a catalogue's cache generation in the gateway's Redis after every write:
+    readers and writer get the same Redis settings as the gateway, and may reach it."""
+    docs = render(production)
+    gateway = _env(docs, "gateway")
+    for name in ("retrieval", WRITER):
+        env = _env(docs, name)
+        for variable in ("LOUPE_REDIS_URL", "LOUPE_REDIS_TIMEOUT_SECONDS"):
+            assert env[variable] == gateway[variable], (name, variable)
+        assert env["LOUPE_REDIS_URL"].startswith("redis://")
+        policy = named(docs, "NetworkPolicy", name_of(name))["spec"]
+        egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+        values = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["egress"]
+        assert set(values["redis"]["ports"]) <= egress_ports, name
+        assert set(values["milvus"]["ports"]) <= egress_ports, name
+    # Without Redis, no Redis password and no Redis egress.
+    docs = render(production, "redis.url=")
+    assert _env(docs, WRITER)["LOUPE_REDIS_URL"] == ""
+    assert "LOUPE_REDIS_PASSWORD" not in _secret_refs(docs)
+
+
+def test_a_service_env_wins_over_the_redis_timeout() -> None:
+    docs = render(
+        "default", "redis.timeoutSeconds=0.5", "services.gateway.env.LOUPE_REDIS_TIMEOUT_SECONDS=1"
+    )
+    assert _env(docs, "gateway")["LOUPE_REDIS_TIMEOUT_SECONDS"] == "1"
+    assert _env(docs, "retrieval")["LOUPE_REDIS_TIMEOUT_SECONDS"] == "0.5"
+    assert _env(docs, WRITER)["LOUPE_REDIS_TIMEOUT_SECONDS"] == "0.5"
+
+
+# ---- retrieval: readers and one writer -------------------------------------------------------
+
+# An index Job, to check that its pods reach the gateway only.
+INDEX_JOB = ("indexJob.enabled=true", "indexJob.manifest=s3://bucket/manifest.parquet")
+
+
+@pytest.mark.parametrize("production", ["default", "gpu"])
+def test_retrieval_runs_readers_beside_one_writer(production: str) -> None:
+    docs = render(production)
+    writer = named(docs, "Deployment", name_of(WRITER))
+    readers = named(docs, "Deployment", name_of("retrieval"))
+    # One writer: one replica, no HPA, never two at once during a rollout.
+    assert writer["spec"]["replicas"] == 1
+    assert writer["spec"]["strategy"] == {"type": "Recreate"}
+    hpa_targets = {
+        h["spec"]["scaleTargetRef"]["name"] for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
+    assert name_of(WRITER) not in hpa_targets
+    assert name_of("retrieval") in hpa_targets
+    # Its budget lets a drain evict it (maxUnavailable), never blocks it forever.
+    budget = named(docs, "PodDisruptionBudget", name_of(WRITER))["spec"]
+    assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget
+    # Same image and program as the readers, its own Service and ServiceAccount convention.
+    (writer_container,) = pod_spec(writer)["containers"]
+    (reader_container,) = pod_spec(readers)["containers"]
+    assert writer_container["image"] == reader_container["image"]
+    assert writer_container["args"] == reader_container["args"] == ["retrieval"]
+    assert pod_spec(writer)["serviceAccountName"] == pod_spec(readers)["serviceAccountName"]
+    assert component(named(docs, "Service", name_of(WRITER))) == WRITER
+    # At least the readers' resources: it batches every write into Milvus.
+    for kind in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert _quantity(writer_container["resources"][kind][resource]) >= _quantity(
+                reader_container["resources"][kind][resource]
+            ), (kind, resource)
+    # The roles: the readers refuse writes, the writer takes them all.
+    assert _env(docs, "retrieval")["LOUPE_RETRIEVAL_ROLE"] == "reader"
+    assert _env(docs, WRITER)["LOUPE_RETRIEVAL_ROLE"] == "all"
+    assert _env(docs, "gateway")["LOUPE_RETRIEVAL_WRITER_ADDR"] == f"{name_of(WRITER)}:50054"
+    assert _env(docs, "gateway")["LOUPE_RETRIEVAL_ADDR"] == f"{name_of('retrieval')}:50054"
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes CPU or memory quantity as a number (m, Ki, Mi, Gi suffixes)."""
+    text = str(value)
+    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+@pytest.mark.parametrize("production", ["default", "gpu"])
+def test_the_writer_shares_the_readers_store_settings(production: str) -> None:
+    """What the writer builds a new catalogue with is what the readers search it with."""
+    docs = render(production)
+    readers, writer = _env(docs, "retrieval"), _env(docs, WRITER)
+    own = {"LOUPE_RETRIEVAL_ROLE"}
+    assert {k: v for k, v in readers.items() if k not in own} == {
+        k: v for k, v in writer.items() if k not in own
+    }
+    if production == "gpu":
+        assert writer["LOUPE_MILVUS_INDEX_TYPE"] == "BIN_IVF_FLAT"
+    # The writer's own env goes on top.
+    docs = render(production, "services.retrievalWriter.env.LOUPE_RETRIEVAL_WRITE_BATCH_ITEMS=512")
+    assert _env(docs, WRITER)["LOUPE_RETRIEVAL_WRITE_BATCH_ITEMS"] == "512"
+    assert "LOUPE_RETRIEVAL_WRITE_BATCH_ITEMS" not in _env(docs, "retrieval")
+    # The role is the chart's, not an env knob: it follows the topology.
+    docs = render(production, "services.retrieval.env.LOUPE_RETRIEVAL_ROLE=all")
+    assert _env(docs, "retrieval")["LOUPE_RETRIEVAL_ROLE"] == "reader"
+
+
+def test_only_the_gateway_reaches_the_writer() -> None:
+    docs = render("default", *INDEX_JOB)
+    policy = named(docs, "NetworkPolicy", name_of(WRITER))["spec"]
+    writer = named(docs, "Deployment", name_of(WRITER))
+    assert policy["podSelector"]["matchLabels"].items() <= (
+        writer["spec"]["template"]["metadata"]["labels"].items()
+    )
+    (container,) = pod_spec(writer)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (grpc_rule,) = [r for r in policy["ingress"] if r["ports"][0]["port"] == ports["grpc"]]
+    assert [_pods_labelled(peer) for peer in grpc_rule["from"]] == ["gateway"]
+    # The gateway may call it; the index Job's pods (which call the gateway) may not.
+    gateway = named(docs, "NetworkPolicy", name_of("gateway"))["spec"]
+    grpc_port = [{"port": ports["grpc"], "protocol": "TCP"}]
+    assert any(
+        _pods_labelled(peer) == WRITER and rule["ports"] == grpc_port
+        for rule in gateway["egress"]
+        for peer in rule.get("to", [])
+        if "podSelector" in peer and "namespaceSelector" not in peer
+    )
+    job = named(docs, "NetworkPolicy", name_of("index-job"))["spec"]
+    reached = {
+        _pods_labelled(peer)
+        for rule in job["egress"]
+        for peer in rule.get("to", [])
+        if "podSelector" in peer and "namespaceSelector" not in peer
+    }
+    assert reached == {"gateway"}
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("services.retrievalWriter.replicas=2",),
+        ("services.retrievalWriter.autoscaling.enabled=true",),
+        ("services.retrievalWriter.strategy.type=RollingUpdate",),
+    ],
+)
+def test_more_than_one_writer_is_refused(sets: tuple[str, ...]) -> None:
+    with pytest.raises(RenderError, match="two writers must never run at once"):
+        render("default", *sets)
+
+
+def test_the_writer_runs_retrieval_only() -> None:
+    with pytest.raises(RenderError, match="the retrieval writer runs retrieval"):
+        render("default", "services.retrievalWriter.serve=ranking")
+
+
+def _env_of(docs: list[dict], component_name: str) -> dict[str, str]:
+    (config_map,) = [
+        c
+        for c in of_kind(docs, "ConfigMap")
+        if component(c) == component_name and not c["metadata"]["name"].endswith("-dashboard")
+    ]
+    data: dict[str, str] = config_map["data"]
+    return data
+
+
+def test_a_long_release_name_keeps_the_writer_service_name_valid() -> None:
+    docs = render("default", "fullnameOverride=" + "x" * 60)
+    for doc in docs:
+        if doc["kind"] in ("Service", "Deployment") and component(doc) == WRITER:
+            name = doc["metadata"]["name"]
+            assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+    assert _env_of(docs, WRITER)["LOUPE_RETRIEVAL_ROLE"] == "all"
+    writer_service = [
+        s["metadata"]["name"] for s in of_kind(docs, "Service") if component(s) == WRITER
+    ]
+    gateway = [c for c in of_kind(docs, "ConfigMap") if component(c) == "gateway"][0]["data"]
+    assert gateway["LOUPE_RETRIEVAL_WRITER_ADDR"] == f"{writer_service[0]}:50054"
 
 
 def test_an_existing_secret_replaces_the_chart_secret() -> None:
@@ -453,6 +666,12 @@ def test_embedded_milvus_is_a_single_writer() -> None:
     assert retrieval["spec"]["strategy"] == {"type": "Recreate"}
     env = _env(docs, "retrieval")
     assert "LOUPE_MILVUS_URI" not in env and env["LOUPE_DATA_DIR"] == "/data"
+    # Its one pod reads and writes: no separate writer, and the gateway writes to it.
+    assert env["LOUPE_RETRIEVAL_ROLE"] == "all"
+    assert not [d for d in docs if component(d) == WRITER]
+    gateway = _env(docs, "gateway")
+    assert gateway["LOUPE_RETRIEVAL_WRITER_ADDR"] == gateway["LOUPE_RETRIEVAL_ADDR"]
+    assert gateway["LOUPE_RETRIEVAL_WRITER_ADDR"] == f"{name_of('retrieval')}:50054"
     volumes = {v["name"]: v for v in pod_spec(retrieval)["volumes"]}
     claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
     pvc = named(docs, "PersistentVolumeClaim", claim)
@@ -510,7 +729,7 @@ def test_service_monitor_scrapes_every_metrics_port(profile: str, docs: list[dic
     assert {s["metadata"]["name"] for s in with_metrics} <= {
         s["metadata"]["name"] for s in selected
     }
-    expected = len(SERVICES) + (profile == "gpu")
+    expected = len(components(profile)) + (profile == "gpu")
     assert len(with_metrics) == expected
     (endpoint,) = spec["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
@@ -536,6 +755,8 @@ def test_alerts_are_well_formed_and_documented(profile: str, docs: list[dict]) -
         "LoupeMetricsTargetDown",
         "LoupeCacheErrors",
         "LoupeIndexFailures",
+        "LoupeCacheInvalidationFailures",
+        "LoupeRetrievalWriterDown",
     }
     if profile == "gpu":
         expected |= {"LoupeTritonQueueTime", "LoupeTritonInferenceFailures"}
@@ -564,7 +785,17 @@ def test_alerts_and_dashboard_select_this_release(production: str) -> None:
     docs = render(production)
     for rule in alert_rules(docs):
         assert f'namespace="{NAMESPACE}"' in rule["expr"], rule["alert"]
-        assert f'job=~"{RELEASE}-(' in rule["expr"] or f'job="{RELEASE}-triton"' in rule["expr"]
+        assert any(
+            selector in rule["expr"]
+            for selector in (
+                f'job=~"{RELEASE}-(',
+                f'job="{RELEASE}-triton"',
+                f'job="{RELEASE}-{WRITER}"',
+            )
+        ), rule["alert"]
+        # The writer's series are the release's too.
+        if f'job=~"{RELEASE}-(' in rule["expr"]:
+            assert "|retrieval-writer|" in rule["expr"], rule["alert"]
 
 
 def test_dashboard_is_found_by_the_grafana_sidecar(docs: list[dict]) -> None:
@@ -582,6 +813,7 @@ def test_dashboard_is_found_by_the_grafana_sidecar(docs: list[dict]) -> None:
         "Requests (every service)",
         "Gateway",
         "Inference (detection, embedding)",
+        "Retrieval writes",
         "Triton (GPU profile)",
     }
     for panel in panels(dashboard):
@@ -601,10 +833,28 @@ def test_dashboard_covers_what_sres_look_at(docs: list[dict]) -> None:
         "loupe_gateway_cache_hits_total",
         "loupe_inference_duration_seconds_bucket",
         "loupe_inference_batch_size_sum",
+        "loupe_retrieval_write_batch_items_bucket",
+        "loupe_retrieval_write_batch_seconds_bucket",
+        "loupe_retrieval_cache_invalidations_total",
+        f'job="$release-{WRITER}"',
         "nv_inference_queue_duration_us",
         "nv_gpu_utilization",
     ):
         assert needle in text, needle
+
+
+def test_dashboard_finds_the_release_of_every_workload(docs: list[dict]) -> None:
+    """The release picker reads the prefix off the job (Service) names, the writer's too, and
+    release-wide queries select the writer's series."""
+    (dashboard,) = dashboards(docs)
+    (release,) = [v for v in dashboard["templating"]["list"] if v["name"] == "release"]
+    pattern = release["regex"].strip("/")
+    for name in (*SERVICES, WRITER, "gateway-metrics"):
+        match = re.fullmatch(pattern, name_of(name))
+        assert match and match.group(1) == RELEASE, name
+    for query in dashboard_queries(dashboard):
+        if 'job=~"$release-(' in query:
+            assert "|retrieval|retrieval-writer|" in query or "loupe_service_serving" in query
 
 
 def test_dashboard_label_is_configurable() -> None:
@@ -664,13 +914,19 @@ def test_every_service_accepts_its_rendered_configuration(
         "retrieval": RetrievalSettings.from_env,
         "ranking": RankingSettings.from_env,
     }
-    for service, from_env in settings_of.items():
+    roles = {}
+    for name in components(profile):
+        program = PROGRAM[name]
         with monkeypatch.context() as env:
-            for name in [n for n in os.environ if n.startswith("LOUPE_")]:
-                env.delenv(name)
-            for name, value in named(docs, "ConfigMap", name_of(service))["data"].items():
-                env.setenv(name, value)
+            for variable in [n for n in os.environ if n.startswith("LOUPE_")]:
+                env.delenv(variable)
+            for variable, value in named(docs, "ConfigMap", name_of(name))["data"].items():
+                env.setenv(variable, value)
             # The pod's model volume: here, the checkout's built repository.
             env.setenv("LOUPE_MODEL_REPOSITORY", str(ROOT / "models"))
-            from_env()
-            ServerSettings.from_env(service)
+            settings = settings_of[program]()
+            ServerSettings.from_env(program)
+            if isinstance(settings, RetrievalSettings):
+                roles[name] = settings.writes
+    # Exactly one retrieval workload writes.
+    assert list(roles.values()).count(True) == 1, roles

@@ -311,7 +311,7 @@ def test_the_gateway_admits_the_job(restricted: bool) -> None:
     if restricted:
         assert rule["from"][0] == {"ipBlock": {"cidr": "10.0.0.0/8"}}, "the user's peers stay"
         # Only the gateway: no backend admits the job.
-        for name in ("detection", "embedding", "retrieval", "ranking"):
+        for name in ("detection", "embedding", "retrieval", "retrieval-writer", "ranking"):
             backend = named(docs, "Deployment", f"{RELEASE}-{name}")
             port = pod_spec(backend)["containers"][0]["ports"][0]["containerPort"]
             backend_rule = grpc_rule(named(docs, "NetworkPolicy", f"{RELEASE}-{name}"), port)

@@ -2,9 +2,67 @@
 Names, labels and the values every template derives the same way.
 */}}
 
-{{/* The five Loupe services, in the order the templates render them. */}}
+{{/*
+The entries of .Values.services, in the order the templates render them: the five Loupe
+services, and the retrieval writer, a second workload of the retrieval program.
+*/}}
 {{- define "loupe.serviceNames" -}}
+gateway detection embedding retrieval retrievalWriter ranking
+{{- end }}
+
+{{/* The programs an entry can run (`loupe serve <program>`). */}}
+{{- define "loupe.programNames" -}}
 gateway detection embedding retrieval ranking
+{{- end }}
+
+{{/*
+The entries rendered: all of them, except the retrieval writer with an embedded milvus-lite
+(its one retrieval pod writes).
+*/}}
+{{- define "loupe.renderedServices" -}}
+{{- $names := list }}
+{{- range $name := splitList " " (include "loupe.serviceNames" .) }}
+{{- if not (and (eq $name "retrievalWriter") $.Values.milvus.embedded) }}
+{{- $names = append $names $name }}
+{{- end }}
+{{- end }}
+{{- join " " $names }}
+{{- end }}
+
+{{/*
+The component of an entry: its key in kebab case (retrievalWriter: retrieval-writer). Object
+names end with it and the app.kubernetes.io/component label is it.
+Usage: include "loupe.serviceComponent" "retrievalWriter"
+*/}}
+{{- define "loupe.serviceComponent" -}}
+{{- kebabcase . }}
+{{- end }}
+
+{{/*
+The program an entry runs (`loupe serve <program>`, and its LOUPE_<PROGRAM>_* variables): its
+`serve` field, else its key.
+Usage: include "loupe.serviceProgram" (list $ "retrievalWriter")
+*/}}
+{{- define "loupe.serviceProgram" -}}
+{{- $svc := index (index . 0).Values.services (index . 1) }}
+{{- default (index . 1) $svc.serve }}
+{{- end }}
+
+{{/* "true" when the chart renders the retrieval writer (an external Milvus). */}}
+{{- define "loupe.retrievalWriterRendered" -}}
+{{- if not .Values.milvus.embedded }}true{{ end }}
+{{- end }}
+
+{{/*
+host:port where the gateway sends retrieval's writes (LOUPE_RETRIEVAL_WRITER_ADDR): the writer's
+Service, or with an embedded milvus-lite the retrieval Service (its one pod writes).
+*/}}
+{{- define "loupe.retrievalWriterAddress" -}}
+{{- if include "loupe.retrievalWriterRendered" . }}
+{{- printf "%s:%v" (include "loupe.componentName" (list . "retrieval-writer")) .Values.services.retrievalWriter.service.port }}
+{{- else }}
+{{- printf "%s:%v" (include "loupe.componentName" (list . "retrieval")) .Values.services.retrieval.service.port }}
+{{- end }}
 {{- end }}
 
 {{/* The services that load a model (they mount the model repository). */}}
@@ -18,7 +76,8 @@ detection embedding
 
 {{/*
 The prefix of every object name. Component names append "-<component>" (at most 11 more
-characters), so the prefix is kept to 52.
+characters, except "-retrieval-writer"), so the prefix is kept to 52; a component name longer
+than 63 characters is cut to 63 (loupe.componentName).
 */}}
 {{- define "loupe.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -35,7 +94,7 @@ characters), so the prefix is kept to 52.
 
 {{/* Usage: include "loupe.componentName" (list $ "gateway") */}}
 {{- define "loupe.componentName" -}}
-{{- printf "%s-%s" (include "loupe.fullname" (index . 0)) (index . 1) }}
+{{- printf "%s-%s" (include "loupe.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "loupe.chart" -}}
@@ -134,32 +193,41 @@ runId is a new Job (a Job's pod template cannot be changed in place).
 {{- end }}
 
 {{/*
-The environment of one service, as a dict, in increasing precedence: what the chart derives
-(backend addresses, stores, inference backend), the chart-wide env, the service's own env, and
-last what must agree with the pod spec (listen host, ports, mount paths).
+The environment of one entry of .Values.services, as a dict, in increasing precedence: what the
+chart derives (backend addresses, stores, inference backend), the chart-wide env, the env of
+the service whose program the entry runs (the retrieval writer starts from the readers' env,
+so that both see the same store settings), the entry's own env, and last what must agree with
+the pod spec and the release's topology (listen host, ports, mount paths, retrieval role).
 Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 */}}
 {{- define "loupe.serviceEnv" -}}
 {{- $root := index . 0 }}
 {{- $name := index . 1 }}
 {{- $svc := index $root.Values.services $name }}
-{{- $upper := upper $name }}
+{{- $program := include "loupe.serviceProgram" . }}
+{{- $upper := upper $program }}
 {{- $env := dict }}
-{{- if eq $name "gateway" }}
+{{- if eq $program "gateway" }}
 {{- range $backend := list "detection" "embedding" "retrieval" "ranking" }}
 {{- $port := (index $root.Values.services $backend).service.port }}
 {{- $_ := set $env (printf "LOUPE_%s_ADDR" (upper $backend)) (printf "%s:%v" (include "loupe.componentName" (list $root $backend)) $port) }}
 {{- end }}
-{{- $_ := set $env "LOUPE_REDIS_URL" ($root.Values.redis.url | toString) }}
+{{- /* Reads go to the readers (LOUPE_RETRIEVAL_ADDR), writes to the one writer. */}}
+{{- $_ := set $env "LOUPE_RETRIEVAL_WRITER_ADDR" (include "loupe.retrievalWriterAddress" $root) }}
 {{- end }}
-{{- if has $name (splitList " " (include "loupe.modelServiceNames" $root)) }}
+{{- if has $program (list "gateway" "retrieval") }}
+{{- /* The gateway caches in Redis; retrieval bumps a catalogue's cache generation on writes. */}}
+{{- $_ := set $env "LOUPE_REDIS_URL" ($root.Values.redis.url | toString) }}
+{{- $_ := set $env "LOUPE_REDIS_TIMEOUT_SECONDS" ($root.Values.redis.timeoutSeconds | toString) }}
+{{- end }}
+{{- if has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}
 {{- $_ := set $env "LOUPE_INFERENCE_BACKEND" $root.Values.inference.backend }}
 {{- if eq $root.Values.inference.backend "triton" }}
 {{- $_ := set $env "LOUPE_TRITON_URL" (include "loupe.tritonUrl" $root) }}
 {{- $_ := set $env "LOUPE_TRITON_TIMEOUT_SECONDS" ($root.Values.triton.clientTimeoutSeconds | toString) }}
 {{- end }}
 {{- end }}
-{{- if eq $name "retrieval" }}
+{{- if eq $program "retrieval" }}
 {{- if not $root.Values.milvus.embedded }}
 {{- $_ := set $env "LOUPE_MILVUS_URI" $root.Values.milvus.uri }}
 {{- end }}
@@ -171,14 +239,27 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- range $key, $value := $root.Values.env }}
 {{- $_ := set $env $key ($value | toString) }}
 {{- end }}
+{{- if ne $program $name }}
+{{- range $key, $value := (index $root.Values.services $program).env }}
+{{- $_ := set $env $key ($value | toString) }}
+{{- end }}
+{{- end }}
 {{- range $key, $value := $svc.env }}
 {{- $_ := set $env $key ($value | toString) }}
 {{- end }}
 {{- $_ := set $env "LOUPE_LISTEN_HOST" "0.0.0.0" }}
 {{- $_ := set $env (printf "LOUPE_%s_PORT" $upper) ($svc.grpcPort | toString) }}
 {{- $_ := set $env (printf "LOUPE_%s_METRICS_PORT" $upper) ($svc.metricsPort | toString) }}
-{{- if has $name (splitList " " (include "loupe.modelServiceNames" $root)) }}
+{{- if has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}
 {{- $_ := set $env "LOUPE_MODEL_REPOSITORY" $root.Values.modelRepository.mountPath }}
+{{- end }}
+{{- if eq $program "retrieval" }}
+{{- /*
+One writer (role all) takes every write and runs the batch jobs; the readers only search. With
+an embedded milvus-lite the one retrieval pod does both.
+*/}}
+{{- $writes := or (eq $name "retrievalWriter") $root.Values.milvus.embedded }}
+{{- $_ := set $env "LOUPE_RETRIEVAL_ROLE" (ternary "all" "reader" $writes) }}
 {{- end }}
 {{- if and (eq $name "retrieval") $root.Values.milvus.embedded }}
 {{- $_ := set $env "LOUPE_DATA_DIR" "/data" }}
@@ -248,6 +329,7 @@ Usage: include "loupe.topologySpread" (list $ "gateway" $constraints)
 {{/* Refuse values that would render a broken or unsafe release, naming what to change. */}}
 {{- define "loupe.validate" -}}
 {{- $known := splitList " " (include "loupe.serviceNames" .) }}
+{{- $programs := splitList " " (include "loupe.programNames" .) }}
 {{- range $name, $_ := .Values.services }}
 {{- if not (has $name $known) }}
 {{- fail (printf "services.%s: unknown service; expected one of %s" $name (join ", " $known)) }}
@@ -256,6 +338,20 @@ Usage: include "loupe.topologySpread" (list $ "gateway" $constraints)
 {{- range $name := $known }}
 {{- if not (hasKey $.Values.services $name) }}
 {{- fail (printf "services.%s: missing; every Loupe service must be configured" $name) }}
+{{- end }}
+{{- $program := include "loupe.serviceProgram" (list $ $name) }}
+{{- if not (has $program $programs) }}
+{{- fail (printf "services.%s.serve=%q: expected one of %s" $name $program (join ", " $programs)) }}
+{{- end }}
+{{- end }}
+{{- if ne (include "loupe.serviceProgram" (list . "retrievalWriter")) "retrieval" }}
+{{- fail "services.retrievalWriter.serve: the retrieval writer runs retrieval (serve: retrieval)" }}
+{{- end }}
+{{- if include "loupe.retrievalWriterRendered" . }}
+{{- $writer := .Values.services.retrievalWriter }}
+{{- $strategy := $writer.strategy | default dict }}
+{{- if or $writer.autoscaling.enabled (ne (int $writer.replicas) 1) (ne ($strategy.type | default "") "Recreate") }}
+{{- fail "services.retrievalWriter: two writers must never run at once, so the writer needs replicas: 1, autoscaling.enabled: false and strategy.type: Recreate (scale services.retrieval, the readers, instead)" }}
 {{- end }}
 {{- end }}
 {{- if not (has .Values.inference.backend (list "onnxruntime" "triton")) }}

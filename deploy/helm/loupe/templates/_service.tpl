@@ -1,21 +1,25 @@
 {{/*
-One Loupe service: its ConfigMap, Deployment and Service. Every service has the same shape; what
-differs comes from its entry in .Values.services (and the few lines below keyed on its name).
+One entry of .Values.services: its ConfigMap, Deployment and Service. Every entry has the same
+shape; what differs comes from its values (and the few lines below keyed on its name or on the
+program it runs). The key names the values (retrievalWriter), the component names the objects
+and labels (retrieval-writer), the program is what the pod runs (`loupe serve retrieval`).
 Usage: include "loupe.service" (list $ "gateway")
 */}}
 {{- define "loupe.service" -}}
 {{- $root := index . 0 }}
 {{- $name := index . 1 }}
 {{- $svc := index $root.Values.services $name }}
-{{- $fullname := include "loupe.componentName" (list $root $name) }}
-{{- $isModel := has $name (splitList " " (include "loupe.modelServiceNames" $root)) }}
+{{- $component := include "loupe.serviceComponent" $name }}
+{{- $program := include "loupe.serviceProgram" . }}
+{{- $fullname := include "loupe.componentName" (list $root $component) }}
+{{- $isModel := has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}
 {{- $embedded := and (eq $name "retrieval") $root.Values.milvus.embedded }}
 {{- $config := include "loupe.serviceConfigMap" (list $root $name) }}
 {{- $secretEnv := list }}
-{{- if and (eq $name "gateway") $root.Values.redis.url }}
+{{- if and (has $program (list "gateway" "retrieval")) $root.Values.redis.url }}
 {{- $secretEnv = append $secretEnv (list "LOUPE_REDIS_PASSWORD" $root.Values.secrets.redisPasswordKey) }}
 {{- end }}
-{{- if and (eq $name "retrieval") (not $root.Values.milvus.embedded) }}
+{{- if and (eq $program "retrieval") (not $root.Values.milvus.embedded) }}
 {{- $secretEnv = append $secretEnv (list "LOUPE_MILVUS_TOKEN" $root.Values.secrets.milvusTokenKey) }}
 {{- end }}
 {{- $usesSecret := gt (len $secretEnv) 0 }}
@@ -27,7 +31,7 @@ metadata:
   name: {{ $fullname }}
   namespace: {{ $root.Release.Namespace }}
   labels:
-    {{- include "loupe.labels" (list $root $name) | nindent 4 }}
+    {{- include "loupe.labels" (list $root $component) | nindent 4 }}
 spec:
   {{- if not $svc.autoscaling.enabled }}
   replicas: {{ $svc.replicas }}
@@ -35,11 +39,13 @@ spec:
   revisionHistoryLimit: 5
   selector:
     matchLabels:
-      {{- include "loupe.selectorLabels" (list $root $name) | nindent 6 }}
+      {{- include "loupe.selectorLabels" (list $root $component) | nindent 6 }}
   strategy:
     {{- if $embedded }}
     # milvus-lite is a single writer: the old pod must be gone before the new one opens the file.
     type: Recreate
+    {{- else if $svc.strategy }}
+    {{- toYaml $svc.strategy | nindent 4 }}
     {{- else }}
     type: RollingUpdate
     rollingUpdate:
@@ -50,7 +56,7 @@ spec:
   template:
     metadata:
       labels:
-        {{- include "loupe.selectorLabels" (list $root $name) | nindent 8 }}
+        {{- include "loupe.selectorLabels" (list $root $component) | nindent 8 }}
         app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
         app.kubernetes.io/part-of: loupe
         {{- with $root.Values.podLabels }}
@@ -95,17 +101,17 @@ spec:
       {{- end }}
       {{- with (default $root.Values.topologySpreadConstraints $svc.topologySpreadConstraints) }}
       topologySpreadConstraints:
-        {{- include "loupe.topologySpread" (list $root $name .) | nindent 8 }}
+        {{- include "loupe.topologySpread" (list $root $component .) | nindent 8 }}
       {{- end }}
       {{- if and $isModel (eq $root.Values.modelRepository.source "image") }}
       initContainers:
         {{- include "loupe.modelRepositoryInit" $root | nindent 8 }}
       {{- end }}
       containers:
-        - name: {{ $name }}
+        - name: {{ $component }}
           image: {{ include "loupe.imageRef" (list $root.Values.image $root) }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          args: [{{ $name | quote }}]
+          args: [{{ $program | quote }}]
           ports:
             - name: grpc
               containerPort: {{ $svc.grpcPort }}
@@ -184,7 +190,7 @@ metadata:
   name: {{ $fullname }}
   namespace: {{ $root.Release.Namespace }}
   labels:
-    {{- include "loupe.labels" (list $root $name) | nindent 4 }}
+    {{- include "loupe.labels" (list $root $component) | nindent 4 }}
   {{- with $svc.service.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
@@ -201,7 +207,7 @@ spec:
   type: ClusterIP
   {{- end }}
   selector:
-    {{- include "loupe.selectorLabels" (list $root $name) | nindent 4 }}
+    {{- include "loupe.selectorLabels" (list $root $component) | nindent 4 }}
   ports:
     - name: grpc
       port: {{ $svc.service.port }}
@@ -224,11 +230,11 @@ metadata:
   name: {{ $fullname }}-metrics
   namespace: {{ $root.Release.Namespace }}
   labels:
-    {{- include "loupe.labels" (list $root $name) | nindent 4 }}
+    {{- include "loupe.labels" (list $root $component) | nindent 4 }}
 spec:
   type: ClusterIP
   selector:
-    {{- include "loupe.selectorLabels" (list $root $name) | nindent 4 }}
+    {{- include "loupe.selectorLabels" (list $root $component) | nindent 4 }}
   ports:
     - name: metrics
       port: {{ $svc.metricsPort }}
@@ -238,17 +244,18 @@ spec:
 {{- end }}
 {{- end }}
 
-{{/* The ConfigMap of one service's LOUPE_* environment. */}}
+{{/* The ConfigMap of one entry's LOUPE_* environment. */}}
 {{- define "loupe.serviceConfigMap" -}}
 {{- $root := index . 0 }}
 {{- $name := index . 1 }}
+{{- $component := include "loupe.serviceComponent" $name }}
 apiVersion: v1
 kind: ConfigMap
 metadata:
-  name: {{ include "loupe.componentName" (list $root $name) }}
+  name: {{ include "loupe.componentName" (list $root $component) }}
   namespace: {{ $root.Release.Namespace }}
   labels:
-    {{- include "loupe.labels" (list $root $name) | nindent 4 }}
+    {{- include "loupe.labels" (list $root $component) | nindent 4 }}
 data:
   {{- range $key, $value := include "loupe.serviceEnv" (list $root $name) | fromYaml }}
   {{ $key }}: {{ $value | quote }}
