@@ -400,6 +400,8 @@ class Point:
     disk_bytes_per_item: float
     # Process -> {"rss": bytes, "anon": bytes, "rss_per_item": ..., "anon_per_item": ...}.
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The DBA batch job over the whole catalogue (--augment-max): items per second.
+    augment_items_per_s: float = 0.0
 
 
 def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: list[Path]) -> None:
@@ -449,6 +451,9 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
             window = size - stored - prefill
             rate = writer.synthetic(window, 0.95, f"{config}: ingest at {size:,}")
             stored = size
+            augment_rate = 0.0
+            if size <= args.augment_max:
+                augment_rate = augment(stack, size)
             stack.down()
             restart = stack.up()
             item_ids = corel_ids + [f"syn/{k}" for k in range(writer.written)]
@@ -496,6 +501,7 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
                 recall=recall,
                 disk_bytes_per_item=disk / size,
                 memory=used,
+                augment_items_per_s=augment_rate,
             )
             save(out / "results.json", point)
             print(row(point), flush=True)
@@ -503,6 +509,21 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
         stack.down()
         if server is not None:
             server.stop()
+
+
+def augment(stack: Stack, items: int) -> float:
+    """The DBA batch job over the catalogue, through the gateway: items per second."""
+
+    async def run() -> float:
+        channel = grpc.aio.insecure_channel(stack.address("gateway"), options=OPTIONS)
+        reply = await gateway_pb2_grpc.GatewayStub(channel).AugmentCatalog(
+            gateway_pb2.AugmentCatalogRequest(catalog="default"), timeout=24 * 3600
+        )
+        await channel.close()
+        return reply.items / reply.seconds
+
+    print(f"DBA batch job over {items:,} items...", file=sys.stderr, flush=True)
+    return asyncio.run(run())
 
 
 def save(path: Path, point: Point) -> None:
@@ -605,6 +626,12 @@ def main() -> int:
     parser.add_argument("--milvus-server", action="store_true", help="a real Milvus server")
     parser.add_argument("--window", type=int, default=5000, help="items timed per size")
     parser.add_argument("--exhaustive-prefill-max", type=int, default=100_000)
+    parser.add_argument(
+        "--augment-max",
+        type=int,
+        default=100_000,
+        help="time the DBA batch job at sizes up to this (0: never)",
+    )
     parser.add_argument("--queries", type=int, default=200, help="per kind and concurrency")
     parser.add_argument("--recall-queries", type=int, default=100, help="per kind")
     parser.add_argument("--corel", type=Path, default=COREL)

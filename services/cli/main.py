@@ -530,9 +530,11 @@ async def cmd_catalogs(args: argparse.Namespace) -> int:
                     print(f"{'catalog':<24} {'items':>9} {'rows':>9}  index")
                     for c in listed.catalogs:
                         print(
-                            f"{c.name:<24} {c.items:>9} {c.rows:>9}  {c.index_type} "
-                            f"({c.candidate_code}, {c.code_bytes} B per row; "
-                            f"full vectors {c.full_vector_bytes} B; DBA k={c.dba_neighbours})"
+                            f"{c.name:<24} {c.items:>9} {c.rows:>9}  {c.index_type} on {c.code} "
+                            f"({c.code_bytes} B per row, {c.oversampling}x oversampled, "
+                            f"{c.indexed_rows} rows indexed); full vectors in the "
+                            f"{c.vector_store}, {c.stored_vector_bytes} B each; "
+                            f"DBA k={c.dba_neighbours}"
                         )
                 return 0
             if not args.name:

@@ -151,9 +151,9 @@ class Backends:
 
     async def wait_until_serving(self) -> None:
         """Block until every backend's health check says SERVING, logging who is missing."""
-        pending = dict(self._channels)
-        if self.addresses["retrieval writer"] == self.addresses["retrieval"]:
-            del pending["retrieval writer"]
+        # Not the retrieval writer: while it restarts (one writer, replaced not rolled),
+        # searches can be served, and a write gets UNAVAILABLE naming it.
+        pending = {name: c for name, c in self._channels.items() if name != "retrieval writer"}
         last_report = 0.0
         while pending:
             for name, channel in list(pending.items()):

@@ -219,6 +219,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     code_bytes=c.code_bytes,
                     full_vector_bytes=c.full_vector_bytes,
                     dba_neighbours=c.dba_neighbours,
+                    code=c.code,
+                    vector_store=c.vector_store,
+                    stored_vector_bytes=c.stored_vector_bytes,
+                    oversampling=c.oversampling,
+                    indexed_rows=c.indexed_rows,
                 )
                 for c in reply.catalogs
             ]

@@ -33,6 +33,9 @@ class CatalogLayout:
     encoding: str = "int8"
     # Collections made before layout 2 have no source_uri field.
     source_uri: bool = True
+    # The Milvus rows hold only what a search needs (the code, and what filters read: item
+    # id, object index, metadata); the sidecar holds every field (SIDECAR catalogues).
+    slim: bool = False
 
     @property
     def binary(self) -> bool:
@@ -64,6 +67,7 @@ class CatalogLayout:
                 vectors=str(recorded["vectors"]),
                 encoding=str(recorded.get("encoding", "int8")),
                 source_uri=bool(recorded.get("source_uri", True)),
+                slim=bool(recorded.get("slim", False)),
             )
         except (ValueError, TypeError, KeyError):
             return None

@@ -373,6 +373,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             vector_store=layout.vectors,
             stored_vector_bytes=layout.stored_vector_bytes,
             oversampling=self.store.oversampling(catalog),
+            indexed_rows=self.store.index_progress(catalog)[0],
         )
 
     @_rpc

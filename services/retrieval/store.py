@@ -78,7 +78,7 @@ KEYS_PER_QUERY = 2000
 SAME_HASH_LIMIT = 10
 # LOUPE_RETRIEVAL_OVERSAMPLING applies at this many items; see MilvusStore.oversampling.
 OVERSAMPLING_ITEMS = 1_000_000
-MIN_OVERSAMPLING = 2
+MIN_OVERSAMPLING = 4
 # How long a catalogue's item count (which sizes the oversampling) is reused.
 ITEM_COUNT_SECONDS = 30.0
 
@@ -283,6 +283,8 @@ class MilvusStore:
             code=codes.SIMHASH_V2 if s.candidate_code == "binary" else codes.FLOAT,
             dim=s.dim,
             vectors=SIDECAR if s.is_lite else ROW_FIELDS,
+            # milvus-lite keeps every field in memory: only what searches read goes there.
+            slim=s.is_lite,
         )
 
     def _create(self, name: str) -> CatalogLayout:
@@ -295,25 +297,27 @@ class MilvusStore:
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2100)
         schema.add_field("item_id", DataType.VARCHAR, max_length=4 * MAX_ITEM_ID_CHARS)
         schema.add_field("object_index", DataType.INT32)
-        schema.add_field("label", DataType.VARCHAR, max_length=64)
-        schema.add_field("detection_score", DataType.FLOAT)
-        # Not nullable (milvus-lite refuses nullable fields): {} when there is no box, and an
-        # object, not an array, because the Milvus 2.3 server only stores JSON objects.
-        schema.add_field("box", DataType.JSON)
         if layout.binary:
             schema.add_field(CODE, DataType.BINARY_VECTOR, dim=codes.code_bits(layout.dim))
         else:
             schema.add_field(CODE, DataType.FLOAT_VECTOR, dim=layout.dim)
+        schema.add_field("metadata", DataType.JSON)
+        if not layout.slim:
+            schema.add_field("label", DataType.VARCHAR, max_length=64)
+            schema.add_field("detection_score", DataType.FLOAT)
+            # Not nullable (milvus-lite refuses nullable fields): {} when there is no box,
+            # and an object, not an array, because the Milvus 2.3 server only stores JSON
+            # objects.
+            schema.add_field("box", DataType.JSON)
+            schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+            schema.add_field("model_version", DataType.VARCHAR, max_length=64)
+            schema.add_field("image_width", DataType.INT32)
+            schema.add_field("image_height", DataType.INT32)
+            schema.add_field(SOURCE_URI, DataType.VARCHAR, max_length=MAX_SOURCE_URI_BYTES)
         if layout.vectors == ROW_FIELDS:
             length = FieldVectors.field_length(layout)
             schema.add_field(VECTOR, DataType.VARCHAR, max_length=length)
             schema.add_field(RAW, DataType.VARCHAR, max_length=length)
-        schema.add_field("metadata", DataType.JSON)
-        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
-        schema.add_field("model_version", DataType.VARCHAR, max_length=64)
-        schema.add_field("image_width", DataType.INT32)
-        schema.add_field("image_height", DataType.INT32)
-        schema.add_field(SOURCE_URI, DataType.VARCHAR, max_length=MAX_SOURCE_URI_BYTES)
         # The collection's own default matters only to reads that name none (this module
         # names one for every read).
         client.create_collection(
@@ -336,7 +340,8 @@ class MilvusStore:
         index = client.prepare_index_params()
         index.add_index(CODE, index_type=index_type, metric_type=layout.metric, params=build)
         client.create_index(name, index, timeout=s.timeout_seconds)
-        for field in SCALAR_INDEXED:
+        # A slim catalogue's lookups go to the sidecar: no scalar index to hold in memory.
+        for field in () if layout.slim else SCALAR_INDEXED:
             scalar = client.prepare_index_params()
             # No index type: each Milvus picks its default for VARCHAR (Trie in milvus-lite).
             scalar.add_index(field)
@@ -495,7 +500,8 @@ class MilvusStore:
         the more close rivals each true neighbour has: to keep recall@10 at 0.98 the
         shortlist grows about as the square root of the catalogue (docs/scale.md measured
         100 k and 1 M). LOUPE_RETRIEVAL_OVERSAMPLING is the factor at 1 M items; it is at
-        least 2, and 1 for an exact index.
+        least 4 (a few hundred rows re-score in about a millisecond), and 1 for an exact
+        index.
         """
         opened = self.collection(catalog, create=False)
         if opened.exact:
@@ -654,7 +660,8 @@ class MilvusStore:
         timeout = self.settings.timeout_seconds
         if 0 < len(rows) <= FEW_ROWS:
             send = self._require().insert if insert else self._require().upsert
-            send(opened.name, rows, timeout=timeout)
+            names = [field.name for field in opened.columns.schema.fields]
+            send(opened.name, [{n: row[n] for n in names} for row in rows], timeout=timeout)
             return
         for start in range(0, len(rows), WRITE_ROWS):
             columns = _columns(opened, rows[start : start + WRITE_ROWS])

@@ -203,7 +203,7 @@ class SearchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectResults, _Mapping]]] = ..., cached: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Catalog(_message.Message):
-    __slots__ = ("name", "items", "rows", "dimension", "index_type", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours")
+    __slots__ = ("name", "items", "rows", "dimension", "index_type", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling", "indexed_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,11 @@ class Catalog(_message.Message):
     CODE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FULL_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     DBA_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_STORE_FIELD_NUMBER: _ClassVar[int]
+    STORED_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVERSAMPLING_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     items: int
     rows: int
@@ -222,7 +227,12 @@ class Catalog(_message.Message):
     code_bytes: int
     full_vector_bytes: int
     dba_neighbours: int
-    def __init__(self, name: _Optional[str] = ..., items: _Optional[int] = ..., rows: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ...) -> None: ...
+    code: str
+    vector_store: str
+    stored_vector_bytes: int
+    oversampling: int
+    indexed_rows: int
+    def __init__(self, name: _Optional[str] = ..., items: _Optional[int] = ..., rows: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ..., code: _Optional[str] = ..., vector_store: _Optional[str] = ..., stored_vector_bytes: _Optional[int] = ..., oversampling: _Optional[int] = ..., indexed_rows: _Optional[int] = ...) -> None: ...
 
 class ListCatalogsRequest(_message.Message):
     __slots__ = ()

@@ -237,7 +237,7 @@ class StatsRequest(_message.Message):
     def __init__(self, catalog: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores", "catalog", "items", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling")
+    __slots__ = ("rows", "collection", "dimension", "index_type", "exact_scores", "catalog", "items", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling", "indexed_rows")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class StatsResponse(_message.Message):
     VECTOR_STORE_FIELD_NUMBER: _ClassVar[int]
     STORED_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     OVERSAMPLING_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     collection: str
     dimension: int
@@ -268,7 +269,8 @@ class StatsResponse(_message.Message):
     vector_store: str
     stored_vector_bytes: int
     oversampling: int
-    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ..., catalog: _Optional[str] = ..., items: _Optional[int] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ..., code: _Optional[str] = ..., vector_store: _Optional[str] = ..., stored_vector_bytes: _Optional[int] = ..., oversampling: _Optional[int] = ...) -> None: ...
+    indexed_rows: int
+    def __init__(self, rows: _Optional[int] = ..., collection: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., exact_scores: _Optional[bool] = ..., catalog: _Optional[str] = ..., items: _Optional[int] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ..., code: _Optional[str] = ..., vector_store: _Optional[str] = ..., stored_vector_bytes: _Optional[int] = ..., oversampling: _Optional[int] = ..., indexed_rows: _Optional[int] = ...) -> None: ...
 
 class RetrievalListCatalogsRequest(_message.Message):
     __slots__ = ()
