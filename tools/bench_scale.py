@@ -13,10 +13,12 @@ the embedded milvus-lite; `binary` then uses BIN_IVF_FLAT, the index a server wo
 The catalogue is Corel-1k's 1000 real vectors (embedded by models/embedder) mixed with
 clustered synthetic ones drawn in the real ones' shape (tools/synthetic.py), written through
 retrieval's Upsert, 32 calls in flight. At each size:
-  - ingest: items per second over the last --window items written, duplicate detection and
-    index-time DBA on (the defaults). Above --exhaustive-prefill-max (100 k), the items before
-    the window are written with both off: with them on, milvus-lite's exhaustive neighbour
-    search makes 2 cores take hours to reach 1 M (the measured rates show why);
+  - ingest: items per second over the last --window items written, one Upsert call each,
+    duplicate detection and index-time DBA on (the defaults). Above --exhaustive-prefill-max
+    (100 k), the items before the window are written with both off, 256 to an UpsertItems
+    call: with them on, milvus-lite's exhaustive neighbour search would make 2 cores take
+    hours to reach 1 M (the measured rates show why);
+  - the DBA batch job over the whole catalogue, up to --augment-max items (100 k): items/s;
   - the stack is restarted (the time until it serves again is reported), then searches go
     through the gateway: by item id (stored vectors, no embedding) and by image (a Corel
     JPEG: decode, embed, search), one at a time and 16 at a time, each query different, the
@@ -35,6 +37,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import socket
 import sqlite3
 import statistics
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,44 +183,64 @@ def disk_bytes(data_dir: Path) -> int:
 
 @dataclass
 class Writer:
-    """Writes items through retrieval's Upsert, IN_FLIGHT calls at a time."""
+    """Writes items through retrieval's Upsert, IN_FLIGHT calls at a time (the measured
+    ingest), or UpsertItems, 256 items a call (the pre-fill, whose rate is not the point)."""
 
     address: str
     generator: synthetic.Generator
     written: int = 0
 
     async def write(
-        self, vectors_: np.ndarray, ids: list[str], hashes: list[str], near: float
+        self,
+        vectors_: np.ndarray,
+        ids: list[str],
+        hashes: list[str],
+        near: float,
+        *,
+        batched: bool = False,
     ) -> None:
         channel = grpc.aio.insecure_channel(self.address, options=OPTIONS)
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         slots = asyncio.Semaphore(IN_FLIGHT)
 
+        def request(k: int) -> retrieval_pb2.UpsertRequest:
+            item = retrieval_pb2.StoredItem(
+                item_id=ids[k],
+                content_hash=hashes[k],
+                model_version="embedder/1",
+                image_width=640,
+                image_height=480,
+                metadata={
+                    "category": common_pb2.Value(string_value=f"c{k % 50}"),
+                    "popularity": common_pb2.Value(number_value=k % 1000),
+                },
+            )
+            item.objects.add(object_index=0, vector=vectors.to_vector(vectors_[k]))
+            return retrieval_pb2.UpsertRequest(item=item, near_duplicate_threshold=near)
+
         async def one(k: int) -> None:
             async with slots:
-                item = retrieval_pb2.StoredItem(
-                    item_id=ids[k],
-                    content_hash=hashes[k],
-                    model_version="embedder/1",
-                    image_width=640,
-                    image_height=480,
-                    metadata={
-                        "category": common_pb2.Value(string_value=f"c{k % 50}"),
-                        "popularity": common_pb2.Value(number_value=k % 1000),
-                    },
+                await stub.Upsert(request(k), timeout=120)
+
+        async def many(start: int) -> None:
+            async with slots:
+                items = [request(k) for k in range(start, min(start + 256, len(ids)))]
+                reply = await stub.UpsertItems(
+                    retrieval_pb2.UpsertItemsRequest(items=items), timeout=600
                 )
-                item.objects.add(object_index=0, vector=vectors.to_vector(vectors_[k]))
-                await stub.Upsert(
-                    retrieval_pb2.UpsertRequest(item=item, near_duplicate_threshold=near),
-                    timeout=120,
-                )
+                failed = [r.error for r in reply.results if r.code]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} items not written: {failed[0]}")
 
         try:
-            await asyncio.gather(*(one(k) for k in range(len(ids))))
+            if batched:
+                await asyncio.gather(*(many(k) for k in range(0, len(ids), 256)))
+            else:
+                await asyncio.gather(*(one(k) for k in range(len(ids))))
         finally:
             await channel.close()
 
-    def synthetic(self, count: int, near: float, progress: str) -> float:
+    def synthetic(self, count: int, near: float, progress: str, batched: bool = False) -> float:
         """Write `count` new synthetic items; their items per second."""
         started = time.perf_counter()
         bar = tqdm(total=count, desc=progress, unit="item", file=sys.stderr, mininterval=2)
@@ -226,7 +250,7 @@ class Writer:
             batch = self.generator.draw(step)
             ids = [f"syn/{self.written + k}" for k in range(step)]
             hashes = [hashlib.sha256(i.encode()).hexdigest() for i in ids]
-            asyncio.run(self.write(batch, ids, hashes, near))
+            asyncio.run(self.write(batch, ids, hashes, near, batched=batched))
             self.written += step
             done += step
             bar.update(step)
@@ -443,13 +467,17 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
                     stack.down()
                     stack.up({"LOUPE_DBA_NEIGHBOURS": "0"})
                 prefill_rate = writer.synthetic(
-                    prefill, 0.0 if fast else 0.95, f"{config}: to {size - args.window:,}"
+                    prefill,
+                    0.0 if fast else 0.95,
+                    f"{config}: to {size - args.window:,}",
+                    batched=fast,
                 )
                 if fast:
                     stack.down()
                     stack.up()
             window = size - stored - prefill
-            rate = writer.synthetic(window, 0.95, f"{config}: ingest at {size:,}")
+            with profiled(args.profile, stack, "retrieval", f"{config}-{size}-ingest"):
+                rate = writer.synthetic(window, 0.95, f"{config}: ingest at {size:,}")
             stored = size
             augment_rate = 0.0
             if size <= args.augment_max:
@@ -457,7 +485,8 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
             stack.down()
             restart = stack.up()
             item_ids = corel_ids + [f"syn/{k}" for k in range(writer.written)]
-            search = search_latency(stack, item_ids, paths, args.queries)
+            with profiled(args.profile, stack, "retrieval", f"{config}-{size}-search"):
+                search = search_latency(stack, item_ids, paths, args.queries)
             rng = np.random.default_rng(size)
             queries = {
                 "corel": real[rng.choice(len(real), size=args.recall_queries, replace=False)],
@@ -509,6 +538,58 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
         stack.down()
         if server is not None:
             server.stop()
+
+
+@contextmanager
+def profiled(target: Path | None, stack: Stack, service: str, name: str) -> Iterator[None]:
+    """With --profile DIR: py-spy samples the service while the block runs (the threads
+    holding the GIL, which is what limits a Python service), written as DIR/NAME.txt: the
+    share of samples per function of ours, and in total."""
+    if target is None:
+        yield
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    raw = target / f"{name}.raw"
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "--format", "raw",
+         "--output", str(raw),
+         "--pid", str(stack.pids()[service])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        (target / f"{name}.txt").write_text(summarise_profile(raw))
+
+
+def summarise_profile(raw: Path) -> str:
+    """py-spy's raw stacks as two tables: inclusive share per function, and the innermost
+    function of ours (services/) each sample was in."""
+    inclusive: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        samples = int(count)
+        total += samples
+        frames = [frame.split(" (")[0] for frame in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+        mine = [f for f in stack.split(";") if "services/" in f]
+        key = mine[-1].split(" (")[0] if mine else "(gRPC, asyncio, pymilvus: not ours)"
+        ours[key] = ours.get(key, 0) + samples
+    lines = [f"{total} samples of the threads holding the GIL", "", "innermost function of ours:"]
+    lines += [
+        f"{100 * n / total:5.1f}%  {k}" for k, n in sorted(ours.items(), key=lambda x: -x[1])[:25]
+    ]
+    lines += ["", "inclusive:"]
+    lines += [
+        f"{100 * n / total:5.1f}%  {k}"
+        for k, n in sorted(inclusive.items(), key=lambda x: -x[1])[:40]
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def augment(stack: Stack, items: int) -> float:
@@ -635,6 +716,9 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200, help="per kind and concurrency")
     parser.add_argument("--recall-queries", type=int, default=100, help="per kind")
     parser.add_argument("--corel", type=Path, default=COREL)
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy profiles of retrieval's ingest and search here"
+    )
     parser.add_argument("--plot", type=Path, action="append", default=[], help="results dirs")
     parser.add_argument("--plots-to", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()

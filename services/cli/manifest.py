@@ -40,8 +40,8 @@ from loupe.v1 import common_pb2
 from services.cli.parsing import MAX_IMAGE_BYTES, UsageError, parse_value
 from services.common.items import MAX_METADATA_KEYS, is_metadata_key
 
-# The gateway's rules (services/gateway/validation.py): a manifest whose metadata columns break
-# them would have every entry refused, so it is refused as a whole, before anything is fetched.
+# Metadata columns follow the item rules (services/common/items.py): a manifest whose columns
+# break them would have every entry refused, so it is refused as a whole, before any fetch.
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_BATCH_ROWS = 1024
 SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -58,6 +58,9 @@ class RetrievalSettings:
     search_params: dict[str, Any]
     max_limit: int
     timeout_seconds: int
+    # Loading a catalogue into memory (start-up, first use) takes time that grows with its
+    # size: about a minute for a million items in milvus-lite.
+    load_timeout_seconds: int
     # Consistency of searches and lookups on a Milvus server. Writes check what exists with
     # Strong consistency whatever this says.
     read_consistency: str
@@ -140,6 +143,9 @@ class RetrievalSettings:
             ),
             # Bounds pymilvus's own retries too: without it a dead Milvus hangs a call for minutes.
             timeout_seconds=env_int("LOUPE_MILVUS_TIMEOUT_SECONDS", 10, minimum=1, maximum=3600),
+            load_timeout_seconds=env_int(
+                "LOUPE_MILVUS_LOAD_TIMEOUT_SECONDS", 1800, minimum=1, maximum=86400
+            ),
             read_consistency=env_str(
                 "LOUPE_MILVUS_READ_CONSISTENCY", "Bounded", choices=CONSISTENCY_LEVELS
             ),

@@ -232,7 +232,12 @@ class MilvusStore:
             # Also when a start-up died between creating the collection and its indexes.
             if CODE not in client.list_indexes(name, timeout=s.timeout_seconds):
                 self._create_indexes(name, layout)
-            client.load_collection(name, timeout=s.timeout_seconds)
+            started = time.monotonic()
+            client.load_collection(name, timeout=s.load_timeout_seconds)
+            log.info(
+                "catalogue loaded",
+                extra={"collection": name, "seconds": round(time.monotonic() - started, 1)},
+            )
             index = client.describe_index(name, CODE, timeout=s.timeout_seconds) or {}
             index_type = str(index.get("index_type", s.index_type))
             # The configured search parameters apply to indexes of the configured type; a
