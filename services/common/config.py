@@ -104,6 +104,9 @@ class ServerSettings:
     max_message_bytes: int
     grace_seconds: float
     log_level: str
+    # gRPC server reflection (grpcurl lists and calls methods without the protos): handy on a
+    # laptop, a map for an intruder elsewhere; the chart turns it off.
+    reflection: bool
 
     @classmethod
     def from_env(cls, service: str) -> ServerSettings:
@@ -121,4 +124,5 @@ class ServerSettings:
             log_level=env_str(
                 "LOUPE_LOG_LEVEL", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
             ),
+            reflection=env_bool("LOUPE_GRPC_REFLECTION", True),
         )

@@ -49,6 +49,8 @@ class Service(Protocol):
     grpc_services: list[str]
 
     def register(self, server: grpc.aio.Server) -> None: ...
+    # Interceptors of the service's own (the gateway's authentication), run after metrics.
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -159,13 +161,15 @@ LIVENESS_SERVICE = "loupe.liveness"
 
 async def serve(service: Service, settings: ServerSettings) -> None:
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(service.name)], options=server_options(settings)
+        interceptors=[MetricsInterceptor(service.name), *service.interceptors()],
+        options=server_options(settings),
     )
     service.register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [*service.grpc_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    if settings.reflection:
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
 
     async def set_health(status: int) -> None:
         for name in ("", *service.grpc_services):

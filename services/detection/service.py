@@ -58,6 +58,9 @@ class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer)
     def register(self, server: grpc.aio.Server) -> None:
         detection_pb2_grpc.add_DetectionServiceServicer_to_server(self, server)
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return []
+
     async def Describe(
         self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelInfo:

@@ -41,6 +41,9 @@ class EmbeddingService(ServesModel, embedding_pb2_grpc.EmbeddingServiceServicer)
     def register(self, server: grpc.aio.Server) -> None:
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self, server)
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return []
+
     async def Describe(
         self, request: common_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelInfo:

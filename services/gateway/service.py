@@ -792,6 +792,9 @@ class GatewayService:
             GatewayServicer(self.settings, self.backends, self.cache), server
         )
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return []
+
     async def start(self) -> None:
         # SERVING means a search can succeed: every backend must be up first.
         await self.backends.wait_until_serving()

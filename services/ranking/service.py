@@ -29,6 +29,9 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
     def register(self, server: grpc.aio.Server) -> None:
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(self, server)
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return []
+
     async def start(self) -> None:
         pass
 

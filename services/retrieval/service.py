@@ -121,6 +121,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     def register(self, server: grpc.aio.Server) -> None:
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self, server)
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return []
+
     async def start(self) -> None:
         await asyncio.to_thread(self.store.open)
 
