@@ -21,6 +21,7 @@ from loupe.v1 import common_pb2 as c
 from loupe.v1 import retrieval_pb2 as r
 from loupe.v1 import retrieval_pb2_grpc
 from services.common import vectors
+from services.common.items import MAX_FILTER_CONDITIONS
 from services.retrieval import augmentation, dba
 from services.retrieval.service import RetrievalService
 from services.retrieval.settings import RetrievalSettings
@@ -286,6 +287,47 @@ def test_whole_images_only(stub) -> None:
     found = search(stub, stored.objects[2].vector, filter=only("whole"), whole_images_only=True)
     assert [(x.item_id, x.object_index) for x in found] == [("whole", 0)]
     assert not found[0].HasField("box")
+
+
+def test_the_largest_filter_is_searched_and_a_larger_one_is_invalid_argument(stub) -> None:
+    """Milvus failed a chain of about 50 ANDs; the documented limit holds with the deepest
+    conditions there are (four-bound ranges, three-type any_of), exclusions and whole images."""
+    metadata = {**suite("big-filter"), "n": c.Value(number_value=5)}
+    stored = item("big-filter", metadata=metadata)
+    stub.Upsert(r.UpsertRequest(item=stored))
+    stub.Upsert(r.UpsertRequest(item=item("big-filter-other", metadata=metadata)))
+    deepest = [
+        c.Condition(field="n", range=c.Range(gte=0, gt=-1, lte=10, lt=11))
+        if i % 2
+        else c.Condition(
+            field="n",
+            any_of=c.ValueList(
+                values=[
+                    c.Value(number_value=5),
+                    c.Value(string_value="5"),
+                    c.Value(bool_value=True),
+                ]
+            ),
+        )
+        for i in range(MAX_FILTER_CONDITIONS - 1)
+    ]
+    largest = only("big-filter", *deepest)
+    assert len(largest.all) == MAX_FILTER_CONDITIONS
+    found = search(
+        stub,
+        stored.objects[0].vector,
+        filter=largest,
+        exclude_item_ids=["big-filter-other"],
+        whole_images_only=True,
+    )
+    assert [x.item_id for x in found] == ["big-filter"]
+
+    larger = only("big-filter", *deepest, deepest[0])
+    with pytest.raises(grpc.RpcError) as error:
+        search(stub, stored.objects[0].vector, filter=larger)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{MAX_FILTER_CONDITIONS + 1} conditions" in error.value.details()
+    assert f"the limit is {MAX_FILTER_CONDITIONS}" in error.value.details()
 
 
 @pytest.mark.parametrize(

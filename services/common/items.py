@@ -13,6 +13,10 @@ MAX_SOURCE_URI_BYTES = 2048
 METADATA_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_METADATA_KEYS = 64
 MAX_STRING_VALUE_CHARS = 4096
+# Conditions in one search filter: as many as an item has metadata keys. Milvus refuses an
+# expression nested about 50 levels deep (a chain of 50 ANDs); retrieval/filters.py nests
+# conditions as a balanced tree, so this limit, not Milvus's, is the one callers meet.
+MAX_FILTER_CONDITIONS = MAX_METADATA_KEYS
 
 
 class InvalidItem(ValueError):
@@ -42,6 +46,14 @@ def check_source_uri(source_uri: str) -> str:
     if any(unicodedata.category(c) == "Cc" for c in source_uri):
         raise InvalidItem("source_uri contains a control character")
     return source_uri
+
+
+def check_filter_conditions(count: int) -> None:
+    if count > MAX_FILTER_CONDITIONS:
+        raise InvalidItem(
+            f"filter has {count} conditions; the limit is {MAX_FILTER_CONDITIONS} "
+            "(any_of matches one of many values in one condition)"
+        )
 
 
 def is_metadata_key(key: str) -> bool:

@@ -41,6 +41,7 @@ from services.gateway.metrics import (
 )
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import (
+    check_filter,
     check_item_id,
     check_metadata,
     check_source_uri,
@@ -286,6 +287,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         elif not request.image:
             raise invalid("image is empty")
         check_metadata(request.context_metadata, "context_metadata")
+        check_filter(request.filter)
         catalog = resolve_catalog(request.catalog)
         if request.candidates and not top_k <= request.candidates <= self.settings.max_candidates:
             raise invalid(

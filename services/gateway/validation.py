@@ -30,6 +30,14 @@ def check_source_uri(source_uri: str) -> None:
         raise invalid(str(error)) from None
 
 
+def check_filter(filter_: common_pb2.Filter) -> None:
+    """Retrieval checks the filter too; here a search that cannot run costs no embedding."""
+    try:
+        item_rules.check_filter_conditions(len(filter_.all))
+    except item_rules.InvalidItem as error:
+        raise invalid(str(error)) from None
+
+
 def resolve_catalog(catalog: str) -> str:
     try:
         return catalogs.resolve_catalog(catalog)

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from loupe.v1 import common_pb2
+from services.common.items import InvalidItem, check_filter_conditions
 from services.retrieval.metadata import is_valid_key
 
 MAX_ANY_OF = 1000
@@ -51,7 +52,12 @@ def build_filter(
     lite: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """The expression for a search (empty when nothing filters) and its parameters."""
-    clauses = [_condition(c, lite) for c in (filter_proto.all if filter_proto else ())]
+    conditions = filter_proto.all if filter_proto else ()
+    try:
+        check_filter_conditions(len(conditions))
+    except InvalidItem as error:
+        raise InvalidFilter(str(error)) from None
+    clauses = [_condition(c, lite) for c in conditions]
     excluded = list(dict.fromkeys(exclude_item_ids))
     if len(excluded) > MAX_EXCLUDED:
         raise InvalidFilter(f"{len(excluded)} exclude_item_ids; at most {MAX_EXCLUDED}")
@@ -60,9 +66,17 @@ def build_filter(
         clauses.append(f"item_id not in [{', '.join(quote(i, lite=lite) for i in excluded)}]")
     if whole_images_only:
         clauses.append("object_index == 0")
+    return _all_of(clauses) if clauses else "", {}
+
+
+def _all_of(clauses: list[str]) -> str:
+    """The clauses ANDed as a balanced tree. Both Milvus parsers nest `a and b and c ...` one
+    level per clause, and milvus-lite fails a plan about 50 levels deep ("unsupported expr
+    proto node"); balanced, the deepest filter allowed is a few levels."""
     if len(clauses) == 1:
-        return clauses[0], {}
-    return " and ".join(f"({c})" for c in clauses), {}
+        return clauses[0]
+    middle = (len(clauses) + 1) // 2
+    return " and ".join(f"({_all_of(half)})" for half in (clauses[:middle], clauses[middle:]))
 
 
 def _condition(condition: common_pb2.Condition, lite: bool) -> str:

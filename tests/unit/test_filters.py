@@ -4,6 +4,7 @@ import re
 import pytest
 
 from loupe.v1 import common_pb2 as c
+from services.common.items import MAX_FILTER_CONDITIONS
 from services.retrieval.filters import InvalidFilter, build_filter, quote
 
 HOSTILE = [
@@ -88,10 +89,37 @@ def test_conditions_exclusions_and_whole_images_are_anded() -> None:
         True,
     )
     assert expression == (
-        '(metadata["a"] == "x") and (metadata["b"] == 1.0) and '
-        '(item_id not in ["i1", "i2"]) and (object_index == 0)'
+        '((metadata["a"] == "x") and (metadata["b"] == 1.0)) and '
+        '((item_id not in ["i1", "i2"]) and (object_index == 0))'
     )
     assert params == {}
+
+
+def nesting(expression: str) -> int:
+    depth = deepest = 0
+    for char in expression:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_conditions_nest_as_a_balanced_tree() -> None:
+    """Milvus fails a plan nested about 50 levels deep: a chain of ANDs grows a level per
+    condition, a balanced tree one per doubling."""
+    conditions = [c.Condition(field=f"k{i}", equals=n(i)) for i in range(MAX_FILTER_CONDITIONS)]
+    expression, _ = build_filter(where(*conditions), ["x"], True)
+    assert nesting(expression) == 7  # ceil(log2(64 + 2))
+    assert expression.count(" and ") == MAX_FILTER_CONDITIONS + 1
+    three, _ = build_filter(where(*conditions[:3]))
+    assert three == (
+        '((metadata["k0"] == 0.0) and (metadata["k1"] == 1.0)) and (metadata["k2"] == 2.0)'
+    )
+
+
+def test_too_many_conditions_names_the_limit() -> None:
+    conditions = [c.Condition(field="k", equals=n(i)) for i in range(MAX_FILTER_CONDITIONS + 1)]
+    with pytest.raises(InvalidFilter, match=f"65 conditions; the limit is {MAX_FILTER_CONDITIONS}"):
+        build_filter(where(*conditions))
 
 
 def test_nothing_to_filter_is_an_empty_expression() -> None:
