@@ -12,7 +12,7 @@ import numpy as np
 
 from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from services.common.config import ConfigError
-from services.common.images import EncodedImage, InvalidImage
+from services.common.images import EncodedImage, InvalidImage, release_memory_after
 from services.common.inference import (
     LoadedModel,
     ServesModel,
@@ -120,6 +120,12 @@ class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer)
         )
 
     def _prepare(self, data: bytes) -> tuple[tuple[int, int], tuple[int, int], Letterboxed]:
+        prepared = self._letterbox(data)
+        # The decoded pixels were freed when _letterbox returned.
+        release_memory_after(prepared[0])
+        return prepared
+
+    def _letterbox(self, data: bytes) -> tuple[tuple[int, int], tuple[int, int], Letterboxed]:
         """(original size, decoded size, model input). The decoder may shrink a large JPEG
         down to (not below) the letterbox size: the model sees no fewer pixels."""
         encoded = EncodedImage(data, self.settings.max_image_pixels)

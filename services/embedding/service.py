@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
-from services.common.images import InvalidImage, PixelBox
+from services.common.images import InvalidImage, PixelBox, release_memory_after
 from services.common.inference import (
     LoadedModel,
     ServesModel,
@@ -74,14 +74,7 @@ class EmbeddingService(ServesModel, embedding_pb2_grpc.EmbeddingServiceServicer)
             )
 
         try:
-            size, tensors = await asyncio.to_thread(
-                prepare_batch,
-                request.image,
-                whole_image=request.whole_image,
-                regions=[PixelBox(r.x0, r.y0, r.x1, r.y1) for r in request.regions],
-                preprocess=self.preprocess,
-                max_pixels=self.settings.max_image_pixels,
-            )
+            size, tensors = await asyncio.to_thread(self._prepare, request)
         except RegionError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except InvalidImage as error:
@@ -106,6 +99,18 @@ class EmbeddingService(ServesModel, embedding_pb2_grpc.EmbeddingServiceServicer)
             embeddings = embeddings[1:]
         response.regions.extend(common_pb2.Vector(values=v.tolist()) for v in embeddings)
         return response
+
+    def _prepare(self, request: embedding_pb2.EmbedRequest) -> tuple[tuple[int, int], np.ndarray]:
+        prepared = prepare_batch(
+            request.image,
+            whole_image=request.whole_image,
+            regions=[PixelBox(r.x0, r.y0, r.x1, r.y1) for r in request.regions],
+            preprocess=self.preprocess,
+            max_pixels=self.settings.max_image_pixels,
+        )
+        # The decoded pixels were freed when prepare_batch returned.
+        release_memory_after(prepared[0])
+        return prepared
 
 
 def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
