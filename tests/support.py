@@ -25,10 +25,11 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextmanager
-def serving(service: Service) -> Iterator[grpc.Channel]:
-    """Start `service` on a free loopback port in a background event loop; yield a channel.
+def serving(service: Service, port: int = 0) -> Iterator[grpc.Channel]:
+    """Start `service` on loopback (`port`, else a free one) in a background event loop; yield
+    a channel.
 
-    The same servicer code, interceptor and `start`/`close` as in production; only the
+    The same servicer code, interceptors and `start`/`close` as in production; only the
     process wrapper (signals, health, metrics port) is left out.
     """
     loop = asyncio.new_event_loop()
@@ -37,18 +38,18 @@ def serving(service: Service) -> Iterator[grpc.Channel]:
 
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(service.name)],
+            interceptors=[MetricsInterceptor(service.name), *service.interceptors()],
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         service.register(server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
         await service.start()
         await server.start()
-        return server, port
+        return server, bound
 
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=120)
+    server, bound = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=120)
     channel = grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
+        f"127.0.0.1:{bound}", options=[("grpc.max_send_message_length", 64 << 20)]
     )
     try:
         yield channel

@@ -35,7 +35,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from loupe.v1 import detection_pb2, detection_pb2_grpc, gateway_pb2_grpc
-from services.cli.client import DEFAULT_DATA_DIR, MAX_MESSAGE_BYTES, gateway_address
+from services.cli.client import (
+    DEFAULT_DATA_DIR,
+    MAX_MESSAGE_BYTES,
+    api_key,
+    gateway_address,
+    with_key,
+)
 from services.common.config import ConfigError
 from services.common.inference import load_model_spec, model_repository_from_env
 
@@ -564,6 +570,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gateway whose Detect is measured (default: LOUPE_GATEWAY, else the local stack)",
     )
     parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key for the gateway (default: LOUPE_API_KEY, else the local stack's own key)",
+    )
+    parser.add_argument(
         "--data-dir",
         default=str(DEFAULT_DATA_DIR),
         metavar="DIR",
@@ -617,11 +628,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def connect(args: argparse.Namespace) -> Iterator[tuple[Any, str]]:
     """The stub to measure and what it is, for messages."""
+    key = ""
     if args.detection_addr:
         address, target = args.detection_addr, f"detection service at {args.detection_addr}"
     else:
         address = gateway_address(args.gateway, Path(args.data_dir))
         target = f"gateway at {address}"
+        key = api_key(args.api_key, address, Path(args.data_dir))
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -630,7 +643,7 @@ def connect(args: argparse.Namespace) -> Iterator[tuple[Any, str]]:
         stub = (
             detection_pb2_grpc.DetectionServiceStub(channel)
             if args.detection_addr
-            else gateway_pb2_grpc.GatewayStub(channel)
+            else gateway_pb2_grpc.GatewayStub(with_key(channel, key))
         )
         yield stub, target
 

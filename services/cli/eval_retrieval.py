@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loupe.v1 import gateway_pb2, gateway_pb2_grpc
-from services.cli.client import DEFAULT_DATA_DIR, channel, gateway_address
+from services.cli.client import DEFAULT_DATA_DIR, api_key, channel, gateway_address
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INDEX_CHUNK = 32
@@ -110,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gateway",
         metavar="HOST:PORT",
         help="gateway address (default: LOUPE_GATEWAY, else the local stack)",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="an admin API key: the run creates and drops a catalogue (default: "
+        "LOUPE_API_KEY, else the local stack's own key)",
     )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=argparse.SUPPRESS)
 
@@ -229,7 +235,7 @@ async def evaluate(args: argparse.Namespace) -> int:
     catalog = args.catalog or f"eval_{uuid.uuid4().hex[:8]}"
     top_k = args.top_k or min(DEFAULT_TOP_K, len(gallery) - (0 if queries else 1))
     address = gateway_address(args.gateway, args.data_dir)
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address, args.data_dir)) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         try:
             existing = await stub.ListCatalogs(gateway_pb2.ListCatalogsRequest())

@@ -7,9 +7,11 @@
     loupe search --item ID               more like an indexed item
     loupe catalogs list|drop|augment     manage catalogues (--catalog NAME elsewhere)
     loupe eval retrieval|detection       measure quality on labelled data
+    loupe keys create|list|rotate|revoke API keys of a gateway
     loupe down [--data-dir DIR]          stop the stack
 
-Every client command takes --gateway HOST:PORT (or LOUPE_GATEWAY) to use a remote gateway.
+Every client command takes --gateway HOST:PORT (or LOUPE_GATEWAY) to use a remote gateway, and
+--api-key KEY (or LOUPE_API_KEY); for the local stack it uses the key `loupe up` made.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from loupe.v1 import detection_pb2, gateway_pb2, gateway_pb2_grpc
-from services.cli import eval_detection, eval_retrieval, output, stack
-from services.cli.client import DEFAULT_DATA_DIR, channel, gateway_address
+from services.cli import eval_detection, eval_retrieval, keys, output, stack
+from services.cli.client import DEFAULT_DATA_DIR, api_key, channel, gateway_address
 from services.cli.parsing import (
     MAX_IMAGE_BYTES,
     UsageError,
@@ -212,7 +214,7 @@ async def cmd_index(args: argparse.Namespace) -> int:
             for path, result in zip(paths, reply.results, strict=True):
                 report(path, result)
 
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address)) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         chunks = [files[i : i + INDEX_CHUNK] for i in range(0, len(files), INDEX_CHUNK)]
         try:
@@ -333,7 +335,7 @@ async def cmd_index_manifest(args: argparse.Namespace) -> int:
     entries = source.entries(shard)
     tasks: set[asyncio.Task[None]] = set()
     async with (
-        channel(address) as ch,
+        channel(address, api_key(args.api_key, address)) as ch,
         manifest.Fetcher(
             args.download_concurrency, args.download_timeout, args.download_retries
         ) as fetcher,
@@ -420,7 +422,7 @@ async def cmd_search(args: argparse.Namespace) -> int:
                     raise
                 return {"code": error.code().name, "message": error.details()}
 
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address)) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         tasks = [asyncio.create_task(search_one(stub, label, path)) for label, path in queries]
         try:
@@ -449,7 +451,7 @@ async def cmd_search(args: argparse.Namespace) -> int:
 async def cmd_detect(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
     failures = 0
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address)) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         for raw in args.images:
             try:
@@ -486,7 +488,7 @@ async def cmd_detect(args: argparse.Namespace) -> int:
 
 async def cmd_get(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address)) as ch:
         try:
             item = await gateway_pb2_grpc.GatewayStub(ch).Get(
                 gateway_pb2.GetRequest(item_id=args.item_id, catalog=args.catalog)
@@ -500,7 +502,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
 
 async def cmd_delete(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address)) as ch:
         try:
             reply = await gateway_pb2_grpc.GatewayStub(ch).Delete(
                 gateway_pb2.DeleteRequest(item_id=args.item_id, catalog=args.catalog)
@@ -514,7 +516,7 @@ async def cmd_delete(args: argparse.Namespace) -> int:
 
 async def cmd_catalogs(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
-    async with channel(address) as ch:
+    async with channel(address, api_key(args.api_key, address)) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         try:
             if args.action == "list":
@@ -582,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--gateway",
             metavar="HOST:PORT",
             help="gateway address (default: LOUPE_GATEWAY, else the local stack)",
+        )
+        p.add_argument(
+            "--api-key",
+            metavar="KEY",
+            help="API key (default: LOUPE_API_KEY, else the local stack's own key)",
         )
         return p
 
@@ -746,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_detection.add_arguments(detection)
     detection.set_defaults(run=eval_detection.run)
+
+    api_keys = commands.add_parser("keys", help="create, list, rotate or revoke API keys")
+    keys.add_arguments(api_keys)
+    api_keys.set_defaults(run=keys.run)
 
     serve = commands.add_parser("serve", help="run one service in the foreground (containers)")
     serve.add_argument("service", choices=stack.SERVICES)

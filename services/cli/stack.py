@@ -4,6 +4,11 @@ One redis-server and the five services, each its own process (its own session, s
 reaches milvus-lite's helper process too), logging under DIR/logs. DIR/run/stack.json
 records what was started so `loupe down` stops exactly that. Data (the milvus-lite file)
 lives under DIR and survives a restart; Redis holds only caches and is not persisted.
+
+The gateway takes calls with an API key only: on first start, DIR/auth/api-keys.jsonl gets
+an admin key for the local user (its hash; the key itself is in DIR/auth/local.key, readable
+by the owner only), which client commands use for this stack with no flag. LOUPE_AUTH=open or
+a LOUPE_API_KEYS_FILE of one's own, in the environment of `loupe up`, replace that.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import DEFAULT_PORTS, ConfigError, env_int, env_str
+from services.gateway import api_keys
+from services.gateway.settings import AUTH_MODES
 
 # Start order: the gateway waits for the others, so it comes last.
 SERVICES = ("detection", "embedding", "retrieval", "ranking", "gateway")
@@ -73,6 +80,60 @@ class StackState:
 
 def state_path(data_dir: Path) -> Path:
     return data_dir / "run" / "stack.json"
+
+
+def keys_file_path(data_dir: Path) -> Path:
+    return data_dir / "auth" / "api-keys.jsonl"
+
+
+def local_key_path(data_dir: Path) -> Path:
+    return data_dir / "auth" / "local.key"
+
+
+LOCAL_KEY_NAME = "local"
+
+
+def local_api_key(data_dir: Path) -> str:
+    """The admin key `loupe up` made for the local user of the stack in `data_dir`; '' if none."""
+    try:
+        return local_key_path(data_dir.resolve()).read_text().strip()
+    except OSError:
+        return ""
+
+
+def ensure_local_key(data_dir: Path) -> Path:
+    """The stack's keys file, holding the hash of the local user's admin key (both made on
+    first start; mended if either went missing). Its path, for LOUPE_API_KEYS_FILE."""
+    auth_dir = data_dir / "auth"
+    auth_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys_path, key_path = keys_file_path(data_dir), local_key_path(data_dir)
+    try:
+        keys = api_keys.load(keys_path) if keys_path.exists() else []
+    except api_keys.KeyFileError as error:
+        raise StackError(
+            f"{error} (fix it, or delete it to start again with a new local key)"
+        ) from None
+    key = local_api_key(data_dir)
+    if not key:
+        key = api_keys.new_key()
+        # Created owner-only: the key must never be readable by others, not even for a moment.
+        descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(key + "\n")
+    digest = api_keys.hash_key(key)
+    if not any(k.sha256 == digest for k in keys):
+        keys = [k for k in keys if k.name != LOCAL_KEY_NAME]
+        keys.append(
+            api_keys.ApiKey(
+                LOCAL_KEY_NAME,
+                "admin",
+                digest,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                description="the local user's key, made by `loupe up`",
+            )
+        )
+        api_keys.write(keys_path, keys)
+    return keys_path
 
 
 def redis_server_binary() -> str:
@@ -192,6 +253,14 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
     redis_dir = data_dir / "redis"
     for directory in (logs_dir, redis_dir, data_dir / "run"):
         directory.mkdir(parents=True, exist_ok=True)
+    try:
+        auth = env_str("LOUPE_AUTH", "keys", choices=AUTH_MODES)
+    except ConfigError as error:
+        raise StackError(str(error)) from None
+    keys_file = env_str("LOUPE_API_KEYS_FILE", "")
+    if auth == "keys":
+        # Absolute: the services need not share this process's working directory.
+        keys_file = os.path.abspath(keys_file) if keys_file else str(ensure_local_key(data_dir))
 
     state = StackState(str(data_dir), f"127.0.0.1:{ports['gateway'][0]}", [])
     redis_port = ports["redis"][0]
@@ -215,8 +284,12 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
     state.save()
 
     env = dict(os.environ)
+    # A client's key (for some gateway) is no business of the services.
+    env.pop("LOUPE_API_KEY", None)
     env.setdefault("LOUPE_DATA_DIR", str(data_dir))
     env["LOUPE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    if auth == "keys":
+        env["LOUPE_API_KEYS_FILE"] = keys_file
     for name in SERVICES:
         port, metrics_port = ports[name]
         env[f"LOUPE_{name.upper()}_PORT"] = str(port)
@@ -268,6 +341,13 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
             time.sleep(0.3)
     say(f"Loupe is up in {time.monotonic() - started:.1f}s: gateway {state.gateway}, "
         f"data {data_dir}, logs {logs_dir}")  # fmt: skip
+    if auth == "open":
+        say("API keys: none needed (LOUPE_AUTH=open)")
+    elif keys_file == str(keys_file_path(data_dir)):
+        say(f"API keys: {keys_file}; client commands use the admin key in "
+            f"{local_key_path(data_dir)} for this stack")  # fmt: skip
+    else:
+        say(f"API keys: {keys_file} (LOUPE_API_KEYS_FILE)")
     return state
 
 

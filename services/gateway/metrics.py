@@ -1,6 +1,6 @@
 """Gateway metrics beyond the per-RPC ones every service exports."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 STAGE_SECONDS = Histogram(
     "loupe_gateway_stage_duration_seconds",
@@ -21,4 +21,16 @@ INDEX_FAILURES = Counter(
 )
 DUPLICATES = Counter(
     "loupe_gateway_duplicates_total", "Duplicates found at index time, by kind.", ["kind"]
+)
+AUTH_REQUESTS = Counter(
+    "loupe_gateway_auth_requests_total",
+    "Calls checked for an API key, by key name ('-' when there is none or it is unknown) and "
+    "outcome: ok, no_key, unknown_key, permission_denied, rate_limited.",
+    ["key", "outcome"],
+)
+API_KEYS = Gauge("loupe_gateway_api_keys", "API keys in force, from the keys file.")
+API_KEY_RELOADS = Counter(
+    "loupe_gateway_api_key_reloads_total",
+    "Reads of a changed keys file, by outcome (error: the previous keys stay in force).",
+    ["outcome"],
 )

@@ -28,6 +28,7 @@ from loupe.v1 import (
     retrieval_pb2,
 )
 from services.common import cache_keys
+from services.gateway import auth
 from services.gateway.backends import Backends, RequestError
 from services.gateway.cache import Cache
 from services.gateway.coalescing import Coalescer
@@ -779,6 +780,8 @@ class GatewayService:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        # First: a missing or bad keys file stops start-up before anything else is built.
+        self.auth = auth.from_settings(settings)
         self.backends = Backends(settings)
         self.cache = Cache(
             settings.redis_url,
@@ -795,12 +798,16 @@ class GatewayService:
         )
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return []
+        return [self.auth] if self.auth is not None else []
 
     async def start(self) -> None:
+        if self.auth is not None:
+            self.auth.start()  # keys rotate while the backends are awaited, too
         # SERVING means a search can succeed: every backend must be up first.
         await self.backends.wait_until_serving()
 
     async def close(self) -> None:
+        if self.auth is not None:
+            await self.auth.close()
         await self.backends.close()
         await self.cache.close()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from services.common.config import ConfigError, env_address, env_float, env_int, env_str
 
+AUTH_MODES = ("keys", "open")
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -36,6 +38,12 @@ class GatewaySettings:
     min_object_pixels: int
     index_concurrency: int
     max_stream_items: int
+    # `keys`: every call but health and reflection needs an API key from `api_keys_file`;
+    # `open`: anyone who reaches the port may do anything (only when asked for by name).
+    auth: str
+    api_keys_file: str
+    # How often the keys file is checked for changes (rotation without a restart).
+    auth_reload_seconds: float
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -73,7 +81,19 @@ class GatewaySettings:
                 "LOUPE_GATEWAY_INDEX_CONCURRENCY", 16, minimum=1, maximum=256
             ),
             max_stream_items=env_int("LOUPE_GATEWAY_MAX_STREAM_ITEMS", 10_000, minimum=1),
+            auth=env_str("LOUPE_AUTH", "keys", choices=AUTH_MODES),
+            api_keys_file=env_str("LOUPE_API_KEYS_FILE", ""),
+            auth_reload_seconds=env_float(
+                "LOUPE_AUTH_RELOAD_SECONDS", 5.0, minimum=0.1, maximum=3600.0
+            ),
         )
+        if settings.auth == "keys" and not settings.api_keys_file:
+            raise ConfigError(
+                "LOUPE_API_KEYS_FILE is not set, and the gateway takes calls with an API key "
+                "only: point it at a keys file (`loupe keys create NAME --role ROLE --keys-file "
+                "FILE` makes one; `loupe up` makes its own), or set LOUPE_AUTH=open to let "
+                "anyone who reaches the port search, index and drop catalogues"
+            )
         if settings.default_top_k > settings.max_top_k:
             raise ConfigError(
                 f"LOUPE_GATEWAY_DEFAULT_TOP_K={settings.default_top_k} exceeds "
