@@ -55,6 +55,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from services.cli.client import auth_metadata
+from services.cli.stack import local_api_key
 from services.common import vectors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -130,6 +132,11 @@ class Stack:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        """Metadata with the admin key `loupe up` made, for calls to the gateway (passed per
+        call: a client interceptor would add its own cost to the latencies measured)."""
+        return auth_metadata(local_api_key(self.data_dir))
 
     def pids(self) -> dict[str, int]:
         """Every process of the stack, milvus-lite's server (a child of retrieval) included."""
@@ -271,7 +278,11 @@ def percentiles(times: list[float]) -> dict[str, float]:
 
 
 def timed_searches(
-    address: str, requests: list[gateway_pb2.SearchRequest], concurrency: int, desc: str
+    address: str,
+    requests: list[gateway_pb2.SearchRequest],
+    concurrency: int,
+    desc: str,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, float]:
     """Send the searches, `concurrency` at a time: latency percentiles and queries a second."""
 
@@ -285,7 +296,7 @@ def timed_searches(
         async def one(request: gateway_pb2.SearchRequest) -> None:
             async with slots:
                 started = time.perf_counter()
-                await stub.Search(request, timeout=120)
+                await stub.Search(request, timeout=120, metadata=metadata)
                 times.append(time.perf_counter() - started)
                 bar.update(1)
 
@@ -314,16 +325,16 @@ def search_latency(
         "image": [gateway_pb2.SearchRequest(image=p.read_bytes(), top_k=TOP_K) for p in photos],
     }
     results = {}
-    address = stack.address("gateway")
+    address, auth = stack.address("gateway"), stack.auth()
     for kind, requests in kinds.items():
         per_level = (len(requests) - warm) // 2
-        timed_searches(address, requests[:warm], 1, f"{kind} warm-up")
+        timed_searches(address, requests[:warm], 1, f"{kind} warm-up", auth)
         for level, chunk in (
             (1, requests[warm : warm + per_level]),
             (16, requests[warm + per_level : warm + 2 * per_level]),
         ):
             results[f"{kind}_c{level}"] = timed_searches(
-                address, chunk, level, f"{kind} queries, {level} at a time"
+                address, chunk, level, f"{kind} queries, {level} at a time", auth
             )
     return results
 
@@ -598,7 +609,9 @@ def augment(stack: Stack, items: int) -> float:
     async def run() -> float:
         channel = grpc.aio.insecure_channel(stack.address("gateway"), options=OPTIONS)
         reply = await gateway_pb2_grpc.GatewayStub(channel).AugmentCatalog(
-            gateway_pb2.AugmentCatalogRequest(catalog="default"), timeout=24 * 3600
+            gateway_pb2.AugmentCatalogRequest(catalog="default"),
+            timeout=24 * 3600,
+            metadata=stack.auth(),
         )
         await channel.close()
         return reply.items / reply.seconds

@@ -54,8 +54,9 @@ for row in "${ROWS[@]}"; do
   echo "==> $name: $settings $extra" >&2
   # shellcheck disable=SC2086
   env $settings "$LOUPE" up --data-dir "$dir" >&2
+  # --data-dir: the stack's own admin key (it creates and drops a catalogue) is found there.
   # shellcheck disable=SC2086
-  "$LOUPE" eval retrieval --gateway 127.0.0.1:52051 --gallery "$GALLERY" "$@" $extra \
+  "$LOUPE" eval retrieval --gateway 127.0.0.1:52051 --data-dir "$dir" --gallery "$GALLERY" "$@" $extra \
     --json "$OUT/$slug.json" >&2 || status=$?
   "$LOUPE" down --data-dir "$dir" >/dev/null
   rm -rf "$dir"

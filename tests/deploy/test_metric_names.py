@@ -29,6 +29,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from loupe.v1 import gateway_pb2, gateway_pb2_grpc
+from services.cli.client import with_key
+from services.cli.stack import local_api_key
 from tests.deploy.chart import (
     ROOT,
     alert_rules,
@@ -232,7 +234,7 @@ def scrape(port: int) -> str:
 @pytest.fixture(scope="module")
 def exported(stack: Stack) -> set[str]:
     with grpc.insecure_channel(stack.gateway) as channel:
-        gateway = gateway_pb2_grpc.GatewayStub(channel)
+        gateway = gateway_pb2_grpc.GatewayStub(with_key(channel, local_api_key(stack.data_dir)))
         first, second = photo(1), photo(2)
         gateway.Index(gateway_pb2.IndexRequest(item_id="a", image=first, detect=True), timeout=120)
         gateway.Index(gateway_pb2.IndexRequest(item_id="b", image=second), timeout=120)

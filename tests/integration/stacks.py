@@ -1,5 +1,7 @@
 """A whole stack, as users run it (`loupe up` on free loopback ports), for integration tests:
 `with running_stack(data_dir) as stack:` yields a Stack, and `loupe down` runs on the way out.
+The stack's own admin key (made by `loupe up`) is in LOUPE_API_KEY for every `loupe` command,
+and sent by `stub()`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loupe.v1 import gateway_pb2_grpc
+from services.cli.client import with_key
+from services.cli.stack import local_api_key
 from tests.support import free_ports
 
 LOUPE = str(Path(sys.executable).parent / "loupe")
@@ -49,7 +53,7 @@ class Stack:
         channel = grpc.insecure_channel(
             self.gateway, options=[("grpc.max_receive_message_length", 64 << 20)]
         )
-        return gateway_pb2_grpc.GatewayStub(channel)
+        return gateway_pb2_grpc.GatewayStub(with_key(channel, self.env.get("LOUPE_API_KEY", "")))
 
     def metrics(self, service: str) -> str:
         url = f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
@@ -95,6 +99,7 @@ def running_stack(data_dir: Path) -> Iterator[Stack]:
     env["LOUPE_REDIS_RETRY_SECONDS"] = "1"
     running = Stack(data_dir, env, grpc_ports, metrics_ports, env["LOUPE_GATEWAY"])
     running.loupe("up", "--data-dir", str(data_dir))
+    env["LOUPE_API_KEY"] = local_api_key(data_dir)
     try:
         yield running
     finally:

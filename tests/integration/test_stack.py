@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import signal
+import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from loupe.v1 import common_pb2, gateway_pb2
-from tests.integration.stacks import SERVICES, Stack, metric_value, running_stack
+from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.integration.stacks import LOUPE, SERVICES, Stack, metric_value, running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("LOUPE_SHARED_DIR", ROOT.parent / "shared"))
@@ -228,6 +230,42 @@ def test_get_and_delete(stack: Stack, corel_indexed: dict, tmp_path: Path) -> No
     assert stack.loupe("delete", "to-delete.jpg").stdout.strip() == "deleted"
     missing = stack.loupe("get", "to-delete.jpg", check=False)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_the_gateway_takes_calls_with_a_key_of_the_right_role(
+    stack: Stack, corel_indexed: dict
+) -> None:
+    with grpc.insecure_channel(stack.gateway) as channel, pytest.raises(grpc.RpcError) as error:
+        gateway_pb2_grpc.GatewayStub(channel).Get(gateway_pb2.GetRequest(item_id="250.jpg"))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    local_key = stack.data_dir / "auth" / "local.key"
+    assert stat.S_IMODE(local_key.stat().st_mode) == 0o600
+    assert stack.env["LOUPE_API_KEY"] == local_key.read_text().strip()
+
+    def as_key(key: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**stack.env, "LOUPE_API_KEY": key}
+        return subprocess.run([LOUPE, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    refused = as_key("", "get", "250.jpg")
+    assert refused.returncode == 1 and "UNAUTHENTICATED: no API key" in refused.stderr
+    # A read-only key, added while the gateway runs: taken up within the reload interval.
+    created = stack.loupe("keys", "create", "reader", "--role", "read", "--data-dir",
+                          str(stack.data_dir))  # fmt: skip
+    reader = created.stdout.strip()
+    deadline = time.monotonic() + 30
+    while as_key(reader, "get", "250.jpg").returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert json.loads(as_key(reader, "get", "250.jpg").stdout)["itemId"] == "250.jpg"
+    denied = as_key(reader, "delete", "250.jpg")
+    assert denied.returncode == 1
+    assert "PERMISSION_DENIED: Delete needs role write or above" in denied.stderr
+    stack.loupe("keys", "revoke", "reader", "--data-dir", str(stack.data_dir))
+    counted = stack.metrics("gateway")
+    assert metric_value(counted, "loupe_gateway_auth_requests_total", key="local", outcome="ok")
+    assert metric_value(counted, "loupe_gateway_auth_requests_total", key="-", outcome="no_key")
+    assert metric_value(
+        counted, "loupe_gateway_auth_requests_total", key="reader", outcome="permission_denied"
+    )
 
 
 def test_every_service_exports_request_counters_and_latency(

@@ -40,6 +40,8 @@ from loupe.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
 )
+from services.cli.client import with_key
+from services.cli.stack import local_api_key
 from services.common.inference import REPOSITORY_IN_CHECKOUT
 from services.detection.service import DetectionService
 from services.detection.settings import DetectionSettings
@@ -196,7 +198,9 @@ class Stack:
         return result.stdout
 
     def channel(self, service: str) -> grpc.Channel:
-        return grpc.insecure_channel(f"127.0.0.1:{self.ports[service]}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.ports[service]}")
+        # The gateway takes calls with the stack's own key (the backends take any, for now).
+        return with_key(channel, self.env["LOUPE_API_KEY"]) if service == "gateway" else channel
 
     def health(self, service: str) -> int:
         with self.channel(service) as channel:
@@ -223,6 +227,7 @@ def stack(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env["LOUPE_TRITON_URL"] = triton.url
     running = Stack(data_dir, env, grpc_ports)
     running.loupe("up", "--data-dir", str(data_dir), timeout=300)
+    env["LOUPE_API_KEY"] = local_api_key(data_dir)
     try:
         yield running
     finally:
