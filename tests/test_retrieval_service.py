@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -669,6 +670,66 @@ def test_milvus_failure_is_unavailable_and_names_the_uri(tmp_path: Path) -> None
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert settings.milvus_uri in error.value.details()
     assert "secret-token" not in error.value.details()
+
+
+def milvus_lite_pid(db_file: Path) -> int:
+    """The milvus-lite process serving this file (a child of this test process)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        parent = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid"))
+        if int(parent) == os.getpid() and str(db_file).encode() in args:
+            return int(proc.name)
+    raise AssertionError(f"no milvus-lite process for {db_file}")
+
+
+@pytest.mark.skipif(bool(SERVER_URI), reason="stops milvus-lite under the service")
+def test_a_hung_milvus_is_unavailable_naming_it_and_then_recovers(tmp_path: Path) -> None:
+    """pymilvus raises a bare gRPC DEADLINE_EXCEEDED when Milvus does not answer; it was an
+    INTERNAL "internal error in Search". Milvus is really hung here: its process is stopped."""
+    settings = dataclasses.replace(settings_for(tmp_path), timeout_seconds=1)
+    stored = item("hang-1", metadata=suite("hang"))
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        stub.Upsert(r.UpsertRequest(item=stored))
+        pid = milvus_lite_pid(Path(settings.milvus_uri))
+        calls = {
+            "Search": lambda: search(stub, stored.objects[0].vector),
+            "Stats": lambda: stub.Stats(r.StatsRequest()),
+            "Upsert": lambda: stub.Upsert(r.UpsertRequest(item=item("hang-2"))),
+            "UpsertItems": lambda: stub.UpsertItems(
+                r.UpsertItemsRequest(items=[r.UpsertRequest(item=item("hang-3"))])
+            ),
+            "Delete": lambda: stub.Delete(r.DeleteItemRequest(item_id="hang-1")),
+            "ListCatalogs": lambda: stub.ListCatalogs(r.RetrievalListCatalogsRequest()),
+            "DropCatalog": lambda: stub.DropCatalog(r.RetrievalDropCatalogRequest(catalog="other")),
+        }
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for name, call in calls.items():
+                if name == "UpsertItems":
+                    (result,) = call().results
+                    code, details = grpc.StatusCode.UNAVAILABLE.value[0], result.error
+                    assert result.code == code, name
+                else:
+                    with pytest.raises(grpc.RpcError) as error:
+                        call()
+                    assert error.value.code() == grpc.StatusCode.UNAVAILABLE, name
+                    details = error.value.details()
+                assert f"Milvus at {settings.milvus_uri}" in details, name
+                assert "failed" in details and "internal error" not in details, name
+            assert "DEADLINE_EXCEEDED" in details
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # Calls sent meanwhile may still be carried out (the Delete); new ones succeed.
+        again = item("hang-4", metadata=suite("hang"))
+        assert stub.Upsert(r.UpsertRequest(item=again)).written
+        assert [x.item_id for x in search(stub, again.objects[0].vector)][:1] == ["hang-4"]
 
 
 def test_database_side_augmentation(tmp_path: Path) -> None:

@@ -32,11 +32,13 @@ from services.retrieval.metadata import InvalidMetadata
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
     MAX_OBJECTS,
+    MILVUS_ERRORS,
     CatalogNotFound,
     MilvusStore,
     Row,
     StoreUnavailable,
     WrongDimension,
+    milvus_failure,
     row_key,
 )
 from services.retrieval.writes import Outcome, PendingItem, WriteQueue, write_batch
@@ -96,6 +98,11 @@ def _rpc(
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        except MILVUS_ERRORS as error:
+            # The store maps what its calls raise; this catches one it left out, never an
+            # INTERNAL for Milvus's fault (retrieval calls no other gRPC server).
+            failure = milvus_failure(self.settings, method.__name__, error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(failure))
         raise AssertionError("unreachable: abort raises")
 
     return handler
@@ -167,6 +174,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
             except StoreUnavailable as error:
                 code, message = grpc.StatusCode.UNAVAILABLE, str(error)
+            except MILVUS_ERRORS as error:
+                failure = milvus_failure(self.settings, "upsert", error)
+                code, message = grpc.StatusCode.UNAVAILABLE, str(failure)
             return retrieval_pb2.UpsertItemResult(code=code.value[0], error=message)
 
         results = await asyncio.gather(*(one(item) for item in request.items))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from pymilvus import Collection, DataType, MilvusClient, MilvusException, connections
 
@@ -81,6 +82,10 @@ OVERSAMPLING_ITEMS = 1_000_000
 MIN_OVERSAMPLING = 4
 # How long a catalogue's item count (which sizes the oversampling) is reused.
 ITEM_COUNT_SECONDS = 30.0
+
+
+# Everything pymilvus raises when Milvus fails.
+MILVUS_ERRORS = (MilvusException, grpc.RpcError)
 
 
 class StoreUnavailable(Exception):
@@ -831,10 +836,27 @@ class MilvusStore:
     def _errors(self, action: str) -> Iterator[None]:
         try:
             yield
-        except MilvusException as error:
-            raise StoreUnavailable(
-                f"Milvus at {self.settings.milvus_uri}: {action} failed: {error.message}"
-            ) from None
+        except MILVUS_ERRORS as error:
+            raise milvus_failure(self.settings, action, error) from None
+
+
+def milvus_failure(
+    settings: RetrievalSettings, action: str, error: MilvusException | grpc.RpcError
+) -> StoreUnavailable:
+    """What pymilvus raised, as StoreUnavailable naming Milvus (its URI, never the token)."""
+    where = f"Milvus at {settings.milvus_uri}: {action} failed"
+    if isinstance(error, MilvusException):
+        return StoreUnavailable(f"{where}: {error.message}")
+    # pymilvus passes some gRPC errors on as they are: a Milvus that does not answer in time
+    # raises DEADLINE_EXCEEDED (measured with milvus-lite's process stopped).
+    code = error.code() if isinstance(error, grpc.Call) else None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return StoreUnavailable(
+            f"{where}: no answer in time (DEADLINE_EXCEEDED; LOUPE_MILVUS_TIMEOUT_SECONDS="
+            f"{settings.timeout_seconds})"
+        )
+    detail = error.details() if isinstance(error, grpc.Call) else repr(error)
+    return StoreUnavailable(f"{where}: {code.name if code else 'gRPC error'}: {detail}")
 
 
 def _columns(opened: OpenCatalog, rows: list[Row]) -> list[list[Any]]:
