@@ -74,8 +74,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(service: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, str]]:
-    """(pid, address) of `python -m services.SERVICE` on free loopback ports, until SIGTERM."""
+def running_service(
+    service: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[tuple[int, str]]:
+    """(pid, address) of `python -m services.SERVICE` on free loopback ports, until SIGTERM;
+    its stdout and stderr go to `log` (as `loupe up` does), else nowhere."""
     port, metrics_port = free_port(), free_port()
     prefix = f"LOUPE_{service.upper()}"
     child_env = {
@@ -85,14 +88,15 @@ def running_service(service: str, env: dict[str, str] | None = None) -> Iterator
         **(env or {}),
     }
     assert service in DEFAULT_PORTS
-    process = subprocess.Popen(
-        [sys.executable, "-m", f"services.{service}"],
-        cwd=ROOT,
-        env=child_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log or os.devnull, "ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            cwd=ROOT,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     address = f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(address) as channel:

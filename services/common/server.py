@@ -235,12 +235,14 @@ async def serve(service: Service, settings: ServerSettings) -> None:
 
 def run(service_name: str, build: Callable[[], Service]) -> None:
     """Entry point of a service process: read settings, then serve until SIGTERM."""
+    # First, so that every line the process writes is JSON, a configuration error's too.
+    logs.configure(service_name, "INFO")
     try:
         settings = ServerSettings.from_env(service_name)
         threads = cpu.ThreadSettings.from_env()
-        logs.configure(service_name, settings.log_level)
+        logs.set_level(settings.log_level)
     except ConfigError as error:
-        print(f"loupe-{service_name}: configuration error: {error}", file=sys.stderr)
+        log.critical(f"loupe-{service_name}: configuration error: {error}")
         sys.exit(2)
 
     async def main() -> None:
@@ -251,9 +253,8 @@ def run(service_name: str, build: Callable[[], Service]) -> None:
     try:
         asyncio.run(main())
     except ConfigError as error:
-        print(f"loupe-{service_name}: configuration error: {error}", file=sys.stderr)
+        log.critical(f"loupe-{service_name}: configuration error: {error}")
         sys.exit(2)
     except Exception as error:
-        log.exception("service failed")
-        print(f"loupe-{service_name}: {error}", file=sys.stderr)
+        log.critical(f"loupe-{service_name}: {error}", exc_info=True)
         sys.exit(1)
