@@ -45,6 +45,10 @@ from services.cli.client import (
 from services.common.config import ConfigError
 from services.common.inference import load_model_spec, model_repository_from_env
 
+# The detection service's most boxes per image (its MAX_DETECTIONS_LIMIT); more would
+# overflow the request's field.
+MAX_DETECTIONS = 1000
+
 # YOLOX's facts (GUIDE.md section 3), written down here rather than read from config.pbtxt:
 # the reference must not share a misconfiguration with the service.
 YOLOX_STRIDES = (8, 16, 32)
@@ -672,8 +676,8 @@ def _check_arguments(args: argparse.Namespace) -> Thresholds:
         raise EvalError(f"--score-threshold {args.score_threshold}: must be in (0, 1]")
     if not 0.0 < args.nms_iou <= 1.0:
         raise EvalError(f"--nms-iou {args.nms_iou}: must be in (0, 1]")
-    if args.max_detections < 1:
-        raise EvalError(f"--max-detections {args.max_detections}: must be at least 1")
+    if not 1 <= args.max_detections <= MAX_DETECTIONS:
+        raise EvalError(f"--max-detections {args.max_detections}: must be 1 to {MAX_DETECTIONS}")
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit {args.limit}: must be at least 1")
     if not math.isfinite(args.max_gap) or args.max_gap < 0:

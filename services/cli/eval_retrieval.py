@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from loupe.v1 import gateway_pb2, gateway_pb2_grpc
 from services.cli.client import DEFAULT_DATA_DIR, api_key, channel, gateway_address
+from services.cli.parsing import MAX_CANDIDATES, MAX_TOP_K, int_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INDEX_CHUNK = 32
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=Path, metavar="CSV", help="path,class rows (gallery)")
     parser.add_argument(
         "--numbered-groups",
-        type=int,
+        type=int_in(0, 1_000_000_000),
         default=0,
         metavar="N",
         help="flat folder of numbered files: class = number // N",
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--top-k",
-        type=int,
+        type=int_in(0, MAX_TOP_K),
         default=0,
         metavar="K",
         help=f"results per query (default: gallery size - 1, at most {DEFAULT_TOP_K})",
@@ -133,8 +134,8 @@ def candidate_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 100,200") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("candidates must not be negative")
+    if any(not 0 <= v <= MAX_CANDIDATES for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each must be 0 to {MAX_CANDIDATES}")
     return values
 
 

@@ -37,8 +37,12 @@ from loupe.v1 import detection_pb2, gateway_pb2, gateway_pb2_grpc
 from services.cli import eval_detection, eval_retrieval, keys, output, stack
 from services.cli.client import DEFAULT_DATA_DIR, api_key, channel, gateway_address
 from services.cli.parsing import (
+    MAX_CANDIDATES,
     MAX_IMAGE_BYTES,
+    MAX_TOP_K,
     UsageError,
+    float_in,
+    int_in,
     parse_box,
     parse_metadata,
     parse_where,
@@ -602,7 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
         return with_gateway(p)
 
     up = with_data_dir(commands.add_parser("up", help="start the embedded stack"))
-    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
+    up.add_argument(
+        "--timeout", type=float_in(1, 86400), default=600, help="seconds to wait for SERVING"
+    )
     up.set_defaults(run=cmd_up)
     with_data_dir(commands.add_parser("down", help="stop the embedded stack")).set_defaults(
         run=cmd_down
@@ -655,21 +661,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bulk.add_argument(
         "--download-concurrency",
-        type=int,
+        type=int_in(1, 1024),
         default=16,
         metavar="N",
         help="downloads in flight (default 16)",
     )
     bulk.add_argument(
         "--download-timeout",
-        type=float,
+        type=float_in(0.1, 3600),
         default=30.0,
         metavar="SECONDS",
         help="per attempt (default 30)",
     )
     bulk.add_argument(
         "--download-retries",
-        type=int,
+        type=int_in(0, 100),
         default=3,
         metavar="N",
         help="more attempts after a timeout, a lost connection, HTTP 429 or 5xx (default 3)",
@@ -687,10 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--box", metavar="x0,y0,x1,y1", help="search only this region (pixels)")
     search.add_argument("--objects", action="store_true", help="also search each detected object")
-    search.add_argument("--top-k", type=int, default=10, metavar="K")
+    search.add_argument("--top-k", type=int_in(1, MAX_TOP_K), default=10, metavar="K")
     search.add_argument(
         "--candidates",
-        type=int,
+        type=int_in(0, MAX_CANDIDATES),
         default=0,
         metavar="K'",
         help="candidates fetched from the index before ranking (default: the gateway's)",
@@ -707,7 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = with_gateway(commands.add_parser("detect", help="detect objects in images"))
     detect.add_argument("images", nargs="+", metavar="IMAGE")
-    detect.add_argument("--score-threshold", type=float, default=0.0)
+    detect.add_argument(
+        "--score-threshold", type=float_in(0, 1), default=0.0, help="0 = the service's default"
+    )
     detect.add_argument("--json", action="store_true")
     detect.set_defaults(run=cmd_detect)
 
@@ -730,8 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     catalogs.add_argument("action", choices=("list", "drop", "augment"))
     catalogs.add_argument("name", nargs="?", default="", metavar="NAME")
-    catalogs.add_argument("--neighbours", type=int, default=0, help="augment: k (0 = default)")
-    catalogs.add_argument("--alpha", type=float, default=0.0, help="augment: alpha (0 = default)")
+    catalogs.add_argument(
+        "--neighbours", type=int_in(0, 100), default=0, help="augment: k (0 = default)"
+    )
+    catalogs.add_argument(
+        "--alpha", type=float_in(0, 100), default=0.0, help="augment: alpha (0 = default)"
+    )
     catalogs.add_argument("--json", action="store_true", help="list: as JSON")
     catalogs.set_defaults(run=cmd_catalogs)
 

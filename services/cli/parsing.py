@@ -5,14 +5,57 @@ Shared by the `loupe` commands (main.py) and manifest ingestion (manifest.py).
 
 from __future__ import annotations
 
+import argparse
+import math
+from collections.abc import Callable
+
 from loupe.v1 import common_pb2
+from services.common.items import InvalidItem, check_filter_conditions
+from services.retrieval.settings import MILVUS_MAX_TOPK
 
 # Below the gateway's default LOUPE_MAX_MESSAGE_BYTES (32 MiB), leaving room for metadata.
 MAX_IMAGE_BYTES = 30 << 20
+# The most any gateway answers: LOUPE_GATEWAY_MAX_TOP_K is at most 1000, and candidates come
+# from one Milvus search. A gateway configured lower says so itself.
+MAX_TOP_K = 1000
+MAX_CANDIDATES = MILVUS_MAX_TOPK
 
 
 class UsageError(Exception):
     pass
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`. Out of range is a usage error (exit
+    2) naming the range, not a traceback from the protobuf field it would overflow."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected {low} to {high}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from `low` to `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: expected {low:g} to {high:g}"
+            )
+        return value
+
+    return parse
 
 
 def parse_value(text: str) -> common_pb2.Value:
@@ -39,6 +82,10 @@ def parse_metadata(pairs: list[str]) -> dict[str, common_pb2.Value]:
 
 def parse_where(conditions: list[str]) -> common_pb2.Filter:
     """KEY=V, KEY!=V, KEY=V1|V2 (any of), KEY>=N, KEY>N, KEY<=N, KEY<N; all must hold."""
+    try:
+        check_filter_conditions(len(conditions))
+    except InvalidItem as error:
+        raise UsageError(f"--where given {len(conditions)} times: {error}") from None
     result = common_pb2.Filter()
     for text in conditions:
         for op in ("!=", ">=", "<=", "=", ">", "<"):
