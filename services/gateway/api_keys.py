@@ -192,7 +192,7 @@ def load(path: Path) -> list[ApiKey]:
 def write(path: Path, keys: list[ApiKey]) -> None:
     """Replace the file in one step, readable by its owner only: a gateway re-reading it never
     sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = HEADER + "".join(key.to_json() + "\n" for key in keys)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

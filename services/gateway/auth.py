@@ -150,7 +150,11 @@ class KeyFile:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await asyncio.to_thread(self.reload)
+            try:
+                await asyncio.to_thread(self.reload)
+            except Exception:
+                # Whatever went wrong this time, rotation must not stop for good.
+                log.exception("checking the API keys file failed", extra={"file": str(self.path)})
 
 
 @dataclass
