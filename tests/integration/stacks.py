@@ -84,10 +84,11 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def running_stack(data_dir: Path) -> Iterator[Stack]:
-    """`loupe up --data-dir data_dir` with every port free and on loopback; `loupe down` after."""
+def running_stack(data_dir: Path, settings: dict[str, str] | None = None) -> Iterator[Stack]:
+    """`loupe up --data-dir data_dir` with every port free and on loopback, and `settings`
+    (LOUPE_* variables) in the services' environment; `loupe down` after."""
     ports = free_ports(2 * len(SERVICES) + 1)
-    env = dict(os.environ)
+    env = {**os.environ, **(settings or {})}
     grpc_ports = dict(zip(SERVICES, ports[: len(SERVICES)], strict=True))
     metrics_ports = dict(zip(SERVICES, ports[len(SERVICES) : 2 * len(SERVICES)], strict=True))
     for name in SERVICES:
