@@ -22,11 +22,12 @@ from loupe.v1 import common_pb2 as c
 from loupe.v1 import retrieval_pb2 as r
 from loupe.v1 import retrieval_pb2_grpc
 from services.common import vectors
+from services.common.cache_keys import generation_key
 from services.common.items import MAX_FILTER_CONDITIONS
 from services.retrieval import augmentation, dba
 from services.retrieval.service import RetrievalService
 from services.retrieval.settings import RetrievalSettings
-from tests.support import serving
+from tests.support import running_redis, serving
 
 # Enough bits that random vectors' binary codes do not collide.
 DIM = 64
@@ -730,6 +731,63 @@ def test_a_hung_milvus_is_unavailable_naming_it_and_then_recovers(tmp_path: Path
         again = item("hang-4", metadata=suite("hang"))
         assert stub.Upsert(r.UpsertRequest(item=again)).written
         assert [x.item_id for x in search(stub, again.objects[0].vector)][:1] == ["hang-4"]
+
+
+def generation(port: int, catalog: str = "default") -> int:
+    import redis
+
+    with redis.Redis(port=port) as client:
+        return int(client.get(generation_key(catalog)) or 0)
+
+
+@pytest.mark.skipif(bool(SERVER_URI), reason="stops milvus-lite under the service")
+def test_every_change_bumps_the_generation_even_one_that_fails(tmp_path: Path) -> None:
+    """Whoever calls retrieval, each change makes the gateway's cached results unreachable;
+    so does one that failed partway (the sidecar changes first, and a late Milvus still
+    carries a call out)."""
+    with running_redis(tmp_path) as port:
+        settings = dataclasses.replace(
+            settings_for(tmp_path),
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            timeout_seconds=1,
+            dba_neighbours=1,
+        )
+        with serving(RetrievalService(settings)) as channel:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            bumps = [
+                lambda: stub.Upsert(r.UpsertRequest(item=item("gen-1"))),
+                lambda: stub.UpsertItems(
+                    r.UpsertItemsRequest(items=[r.UpsertRequest(item=item("gen-2"))])
+                ),
+                lambda: stub.UpdateItem(
+                    r.UpdateItemRequest(item_id="gen-1", metadata={"x": c.Value(number_value=1)})
+                ),
+                lambda: stub.Delete(r.DeleteItemRequest(item_id="gen-2")),
+                lambda: stub.Augment(r.AugmentRequest()),
+            ]
+            for number, call in enumerate(bumps, 1):
+                call()
+                assert generation(port) == number, number
+            # No change, no bump.
+            stub.Delete(r.DeleteItemRequest(item_id="never-stored"))
+            assert generation(port) == len(bumps)
+            stub.Upsert(r.UpsertRequest(item=item("gen-3"), catalog="other"))
+            stub.DropCatalog(r.RetrievalDropCatalogRequest(catalog="other"))
+            assert generation(port, "other") == 2 and generation(port) == len(bumps)
+
+            pid = milvus_lite_pid(Path(settings.milvus_uri))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for call in (
+                    lambda: stub.Delete(r.DeleteItemRequest(item_id="gen-1")),
+                    lambda: stub.Upsert(r.UpsertRequest(item=item("gen-4"))),
+                ):
+                    with pytest.raises(grpc.RpcError) as error:
+                        call()
+                    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert generation(port) == len(bumps) + 2
 
 
 def test_database_side_augmentation(tmp_path: Path) -> None:

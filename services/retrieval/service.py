@@ -10,11 +10,12 @@ however many replicas serve searches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -205,8 +206,19 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             ],
         )
 
+    @contextlib.asynccontextmanager
+    async def _changing(self, catalog: str) -> AsyncIterator[None]:
+        """Around a change to the catalogue's rows: when it fails, they may have changed all
+        the same (the sidecar goes first, and a Milvus that answered too late still carries
+        the call out), so cached results are invalidated before the error goes on."""
+        try:
+            yield
+        except BaseException:
+            await self.invalidator.changed(catalog)
+            raise
+
     async def _write_batch(self, catalog: str, items: list[PendingItem]) -> list[Outcome]:
-        async with self.gate.shared(catalog):
+        async with self._changing(catalog), self.gate.shared(catalog):
             outcomes = await asyncio.to_thread(
                 write_batch, self.store, self.settings, catalog, items
             )
@@ -239,7 +251,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             "metadata": metadata.to_json(request.metadata),
             "source_uri": check_source_uri(request.source_uri),
         }
-        async with self.gate.shared(catalog):
+        async with self._changing(catalog), self.gate.shared(catalog):
             found = await asyncio.to_thread(self._update_item, catalog, item_id, changes)
         if found:
             await self.invalidator.changed(catalog)
@@ -277,7 +289,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         self._require_writer("Delete")
         item_id = check_item_id(request.item_id)
         catalog = resolve_catalog(request.catalog)
-        async with self.gate.shared(catalog):
+        async with self._changing(catalog), self.gate.shared(catalog):
             deleted = await asyncio.to_thread(self._delete_item, catalog, item_id)
         if deleted:
             await self.invalidator.changed(catalog)
@@ -412,7 +424,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
     ) -> retrieval_pb2.RetrievalDropCatalogResponse:
         self._require_writer("DropCatalog")
         catalog = resolve_catalog(request.catalog)
-        async with self.gate.exclusive(catalog):
+        async with self._changing(catalog), self.gate.exclusive(catalog):
             dropped = await asyncio.to_thread(self.store.drop, catalog)
             self._written.pop(catalog, None)
         await self.invalidator.changed(catalog)
@@ -438,15 +450,16 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
         pages = self.store.whole_image_pks(catalog, dba.PAGE)
         done, invalidated = 0, time.monotonic()
         started = time.monotonic()
-        while (pks := await asyncio.to_thread(next, pages, None)) is not None:
-            async with self.gate.exclusive(catalog):
-                done += await asyncio.to_thread(
-                    dba.augment_page, self.store, catalog, pks, k, alpha
-                )
-            if time.monotonic() - invalidated > INVALIDATE_EVERY_SECONDS:
-                await self.invalidator.changed(catalog)
-                invalidated = time.monotonic()
-        await asyncio.to_thread(self.store.flush, catalog)
+        async with self._changing(catalog):
+            while (pks := await asyncio.to_thread(next, pages, None)) is not None:
+                async with self.gate.exclusive(catalog):
+                    done += await asyncio.to_thread(
+                        dba.augment_page, self.store, catalog, pks, k, alpha
+                    )
+                if time.monotonic() - invalidated > INVALIDATE_EVERY_SECONDS:
+                    await self.invalidator.changed(catalog)
+                    invalidated = time.monotonic()
+            await asyncio.to_thread(self.store.flush, catalog)
         await self.invalidator.changed(catalog)
         log.info(
             "catalogue augmented",
