@@ -493,7 +493,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             if items == 0 or written < max(1.0, s.dba_refresh_growth * items):
                 return
             await self._augment_catalog(catalog, s.dba_neighbours, s.dba_alpha)
-        except (CatalogNotFound, StoreUnavailable) as error:
+        except (CatalogNotFound, StoreUnavailable, *MILVUS_ERRORS) as error:
             # The next write schedules it again.
             log.warning("automatic DBA skipped", extra={"catalog": catalog, "reason": str(error)})
 
