@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from services.common.server import MetricsInterceptor, Service
+from services.common.channels import TLSSettings, open_blocking_channel
+from services.common.server import MetricsInterceptor, Service, add_port
 
 
 def free_ports(count: int) -> list[int]:
@@ -55,9 +56,16 @@ def running_redis(data_dir: Path) -> Iterator[int]:
 
 
 @contextmanager
-def serving(service: Service, port: int = 0) -> Iterator[grpc.Channel]:
+def serving(
+    service: Service,
+    port: int = 0,
+    *,
+    tls: TLSSettings | None = None,
+    client_tls: TLSSettings | None = None,
+) -> Iterator[grpc.Channel]:
     """Start `service` on loopback (`port`, else a free one) in a background event loop; yield
-    a channel.
+    a channel. With `tls`, the port serves TLS as a service's does; the channel then uses
+    `client_tls` (else plaintext).
 
     The same servicer code, interceptors and `start`/`close` as in production; only the
     process wrapper (signals, health, metrics port) is left out.
@@ -72,14 +80,16 @@ def serving(service: Service, port: int = 0) -> Iterator[grpc.Channel]:
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         service.register(server)
-        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        bound = add_port(server, f"127.0.0.1:{port}", tls or TLSSettings())
         await service.start()
         await server.start()
         return server, bound
 
     server, bound = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=120)
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{bound}", options=[("grpc.max_send_message_length", 64 << 20)]
+    channel = open_blocking_channel(
+        f"127.0.0.1:{bound}",
+        client_tls or TLSSettings(),
+        options=[("grpc.max_send_message_length", 64 << 20)],
     )
     try:
         yield channel

@@ -50,14 +50,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 from tqdm import tqdm
 
 from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from services.cli import local_tls
 from services.cli.client import auth_metadata
-from services.cli.stack import local_api_key
+from services.cli.stack import StackState, local_api_key
 from services.common import vectors
+from services.common.channels import TLSSettings, open_channel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
@@ -133,6 +134,11 @@ class Stack:
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
 
+    def tls(self) -> TLSSettings:
+        """The stack's CA and client certificate, which its backends require."""
+        state = StackState.load(self.data_dir)
+        return state.client_tls() if state is not None else TLSSettings()
+
     def auth(self) -> tuple[tuple[str, str], ...]:
         """Metadata with the admin key `loupe up` made, for calls to the gateway (passed per
         call: a client interceptor would add its own cost to the latencies measured)."""
@@ -150,7 +156,8 @@ class Stack:
     def flush_redis(self) -> None:
         import redis
 
-        redis.Redis(port=self.ports["redis"]).flushall()
+        password = local_tls.redis_password(self.data_dir) or None
+        redis.Redis(port=self.ports["redis"], password=password).flushall()
 
 
 def _children(pid: int) -> list[int]:
@@ -196,6 +203,7 @@ class Writer:
     address: str
     generator: synthetic.Generator
     written: int = 0
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
     async def write(
         self,
@@ -206,7 +214,7 @@ class Writer:
         *,
         batched: bool = False,
     ) -> None:
-        channel = grpc.aio.insecure_channel(self.address, options=OPTIONS)
+        channel = open_channel(self.address, self.tls, options=OPTIONS)
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         slots = asyncio.Semaphore(IN_FLIGHT)
 
@@ -283,11 +291,12 @@ def timed_searches(
     concurrency: int,
     desc: str,
     metadata: tuple[tuple[str, str], ...] = (),
+    tls: TLSSettings | None = None,
 ) -> dict[str, float]:
     """Send the searches, `concurrency` at a time: latency percentiles and queries a second."""
 
     async def run() -> dict[str, float]:
-        channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        channel = open_channel(address, tls or TLSSettings(), options=OPTIONS)
         stub = gateway_pb2_grpc.GatewayStub(channel)
         slots = asyncio.Semaphore(concurrency)
         times: list[float] = []
@@ -325,16 +334,16 @@ def search_latency(
         "image": [gateway_pb2.SearchRequest(image=p.read_bytes(), top_k=TOP_K) for p in photos],
     }
     results = {}
-    address, auth = stack.address("gateway"), stack.auth()
+    address, auth, tls = stack.address("gateway"), stack.auth(), stack.tls()
     for kind, requests in kinds.items():
         per_level = (len(requests) - warm) // 2
-        timed_searches(address, requests[:warm], 1, f"{kind} warm-up", auth)
+        timed_searches(address, requests[:warm], 1, f"{kind} warm-up", auth, tls)
         for level, chunk in (
             (1, requests[warm : warm + per_level]),
             (16, requests[warm + per_level : warm + 2 * per_level]),
         ):
             results[f"{kind}_c{level}"] = timed_searches(
-                address, chunk, level, f"{kind} queries, {level} at a time", auth
+                address, chunk, level, f"{kind} queries, {level} at a time", auth, tls
             )
     return results
 
@@ -393,7 +402,7 @@ def candidate_recall(
     exact = [set(all_names[q, order[q]]) for q in range(len(everything))]
 
     async def candidates() -> list[set[str]]:
-        channel = grpc.aio.insecure_channel(stack.address("retrieval"), options=OPTIONS)
+        channel = open_channel(stack.address("retrieval"), stack.tls(), options=OPTIONS)
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         found = []
         for query in everything:
@@ -464,7 +473,11 @@ def run_config(args: argparse.Namespace, config: str, real: np.ndarray, paths: l
         stack.up()
         base = {name: memory(pid) for name, pid in stack.pids().items()}
         base_server = server.rss_bytes() if server else 0
-        writer = Writer(stack.address("retrieval"), synthetic.Generator(real, max(args.sizes)))
+        writer = Writer(
+            stack.address("retrieval"),
+            synthetic.Generator(real, max(args.sizes)),
+            tls=stack.tls(),
+        )
         corel_ids = [f"corel/{p.name}" for p in paths]
         hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
         asyncio.run(writer.write(real, corel_ids, hashes, 0.95))
@@ -607,7 +620,7 @@ def augment(stack: Stack, items: int) -> float:
     """The DBA batch job over the catalogue, through the gateway: items per second."""
 
     async def run() -> float:
-        channel = grpc.aio.insecure_channel(stack.address("gateway"), options=OPTIONS)
+        channel = open_channel(stack.address("gateway"), stack.tls(), options=OPTIONS)
         reply = await gateway_pb2_grpc.GatewayStub(channel).AugmentCatalog(
             gateway_pb2.AugmentCatalogRequest(catalog="default"),
             timeout=24 * 3600,

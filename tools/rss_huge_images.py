@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from loupe.v1 import detection_pb2, detection_pb2_grpc, embedding_pb2, embedding_pb2_grpc
+from services.common.channels import open_blocking_channel
 from services.common.config import DEFAULT_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def running_service(
         )
     address = f"127.0.0.1:{port}"
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_blocking_channel(address) as channel:
             deadline = time.monotonic() + 300
             while True:
                 if process.poll() is not None:
@@ -128,7 +129,7 @@ def running_service(
 def send(service: str, address: str, image: bytes) -> str:
     """The status code name of one Detect or Embed of the image."""
     options = [("grpc.max_send_message_length", MESSAGE_BYTES)]
-    with grpc.insecure_channel(address, options=options) as channel:
+    with open_blocking_channel(address, options=options) as channel:
         try:
             if service == "detection":
                 detection_pb2_grpc.DetectionServiceStub(channel).Detect(

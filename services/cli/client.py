@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 
 from services.cli.stack import StackState, local_api_key
+from services.common.channels import TLSSettings, open_channel
+from services.common.config import env_str
 
 DEFAULT_DATA_DIR = Path(".loupe")
 MAX_MESSAGE_BYTES = 64 << 20
@@ -43,6 +45,23 @@ def api_key(flag: str | None, address: str, data_dir: Path = DEFAULT_DATA_DIR) -
     if state is not None and _same_address(state.gateway, address):
         return local_api_key(data_dir)
     return ""
+
+
+def client_tls(address: str, data_dir: Path = DEFAULT_DATA_DIR) -> TLSSettings:
+    """LOUPE_TLS_* when they turn TLS on or off, else, for a process of the stack `loupe up`
+    started in `data_dir` (with TLS), its CA and client certificate, else plaintext.
+
+    Like the local key, the local certificates go to that stack only.
+    """
+    configured = TLSSettings.from_env()
+    if configured.enabled or env_str("LOUPE_TLS", "auto") == "off":
+        return configured
+    state = StackState.load(data_dir.resolve())
+    if state is not None and any(
+        _same_address(f"127.0.0.1:{p.port}", address) for p in state.processes if p.port
+    ):
+        return state.client_tls()
+    return configured
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -95,10 +114,12 @@ class _StreamStreamKey(_WithKey, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), requests)
 
 
-def channel(address: str, key: str = "") -> grpc.aio.Channel:
-    """An asyncio channel to the gateway that sends `key` (when there is one) with each call."""
-    return grpc.aio.insecure_channel(
+def channel(address: str, key: str = "", tls: TLSSettings | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to the gateway that sends `key` (when there is one) with each call;
+    TLS as `tls` says (None: as `client_tls` finds for `address`)."""
+    return open_channel(
         address,
+        client_tls(address) if tls is None else tls,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

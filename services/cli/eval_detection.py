@@ -39,9 +39,11 @@ from services.cli.client import (
     DEFAULT_DATA_DIR,
     MAX_MESSAGE_BYTES,
     api_key,
+    client_tls,
     gateway_address,
     with_key,
 )
+from services.common.channels import open_blocking_channel
 from services.common.config import ConfigError
 from services.common.inference import load_model_spec, model_repository_from_env
 
@@ -643,7 +645,8 @@ def connect(args: argparse.Namespace) -> Iterator[tuple[Any, str]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-    with grpc.insecure_channel(address, options=options) as channel:
+    tls = client_tls(address, Path(args.data_dir))
+    with open_blocking_channel(address, tls, options=options) as channel:
         stub = (
             detection_pb2_grpc.DetectionServiceStub(channel)
             if args.detection_addr

@@ -47,6 +47,7 @@ from services.cli.parsing import (
     parse_metadata,
     parse_where,
 )
+from services.common.config import ConfigError
 
 INDEX_CHUNK = 32
 # A stream answers when its last item is written: with three out, the gateway always has
@@ -81,7 +82,15 @@ def rpc_failure(error: grpc.aio.AioRpcError, address: str) -> str:
     if error.code() == grpc.StatusCode.UNAVAILABLE and details.lower().startswith(
         "failed to connect"
     ):
-        return f"cannot reach the gateway at {address} (is `loupe up` running?): {details}"
+        hint = ""
+        if "socket closed" in details.lower() or "handshake" in details.lower():
+            # A plaintext client at a TLS port sees its socket closed; a TLS one at a port of
+            # another CA, a failed handshake.
+            hint = (
+                " (a gateway that serves TLS? LOUPE_TLS_CA names its CA; LOUPE_TLS=on trusts "
+                "the system's)"
+            )
+        return f"cannot reach the gateway at {address} (is `loupe up` running?): {details}{hint}"
     return f"{error.code().name}: {details}"
 
 
@@ -784,9 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         if asyncio.iscoroutine(outcome):
             outcome = asyncio.run(outcome)
         return int(outcome)  # type: ignore[arg-type]
-    except (UsageError, stack.StackError) as error:
+    except (UsageError, stack.StackError, ConfigError) as error:
         say(f"loupe {args.command}: {error}")
-        return 2 if isinstance(error, UsageError) else 1
+        return 1 if isinstance(error, stack.StackError) else 2
     except KeyboardInterrupt:
         return 130
 

@@ -9,6 +9,9 @@ The gateway takes calls with an API key only: on first start, DIR/auth/api-keys.
 an admin key for the local user (its hash; the key itself is in DIR/auth/local.key, readable
 by the owner only), which client commands use for this stack with no flag. LOUPE_AUTH=open or
 a LOUPE_API_KEYS_FILE of one's own, in the environment of `loupe up`, replace that.
+
+Its processes talk mutual TLS with certificates under DIR/tls, and Redis wants a password
+(local_tls.py says what is made and where); LOUPE_TLS=off runs the stack in plaintext.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cli import local_tls
+from services.common.channels import TLSSettings, open_blocking_channel
 from services.common.config import DEFAULT_PORTS, ConfigError, env_int, env_str
 from services.gateway import api_keys
 from services.gateway.settings import AUTH_MODES
@@ -56,6 +61,8 @@ class StackState:
     data_dir: str
     gateway: str
     processes: list[Process]
+    # Mutual TLS between the processes, with the certificates under DIR/tls.
+    tls: bool = False
 
     @property
     def path(self) -> Path:
@@ -75,7 +82,12 @@ class StackState:
             data_dir=raw["data_dir"],
             gateway=raw["gateway"],
             processes=[Process(**p) for p in raw["processes"]],
+            tls=bool(raw.get("tls", False)),
         )
+
+    def client_tls(self) -> TLSSettings:
+        """How a local client reaches this stack's processes."""
+        return local_tls.client_settings(Path(self.data_dir)) if self.tls else TLSSettings()
 
 
 def state_path(data_dir: Path) -> Path:
@@ -203,9 +215,9 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _serving(address: str) -> bool:
+def _serving(address: str, tls: TLSSettings) -> bool:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_blocking_channel(address, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1
             )
@@ -214,11 +226,18 @@ def _serving(address: str) -> bool:
         return False
 
 
-def _redis_answers(port: int) -> bool:
+def _redis_answers(port: int, password: str) -> bool:
+    auth = f"*2\r\n$4\r\nAUTH\r\n${len(password)}\r\n{password}\r\n" if password else ""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
+            conn.sendall(f"{auth}*1\r\n$4\r\nPING\r\n".encode())
+            reply = b""
+            while b"\n" not in reply or (password and reply.count(b"\n") < 2):
+                chunk = conn.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply.endswith(b"+PONG\r\n") and not reply.startswith(b"-")
     except OSError:
         return False
 
@@ -258,14 +277,24 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
     except ConfigError as error:
         raise StackError(str(error)) from None
     keys_file = env_str("LOUPE_API_KEYS_FILE", "")
+    try:
+        tls = local_tls.enabled()
+    except ConfigError as error:
+        raise StackError(str(error)) from None
+    if tls:
+        local_tls.ensure_certificates(data_dir)
+    client_tls = local_tls.client_settings(data_dir) if tls else TLSSettings()
+    redis_password = local_tls.ensure_redis_password(data_dir)
     if auth == "keys":
         # Absolute: the services need not share this process's working directory.
         keys_file = os.path.abspath(keys_file) if keys_file else str(ensure_local_key(data_dir))
 
-    state = StackState(str(data_dir), f"127.0.0.1:{ports['gateway'][0]}", [])
+    state = StackState(str(data_dir), f"127.0.0.1:{ports['gateway'][0]}", [], tls=tls)
     redis_port = ports["redis"][0]
     redis_command = [
         redis_server_binary(),
+        # First: the config file with the password (a command line is readable by anyone).
+        str(local_tls.redis_config(data_dir, redis_password)),
         "--port", str(redis_port),
         "--bind", "127.0.0.1",
         "--dir", str(redis_dir),
@@ -288,6 +317,7 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
     env.pop("LOUPE_API_KEY", None)
     env.setdefault("LOUPE_DATA_DIR", str(data_dir))
     env["LOUPE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    env["LOUPE_REDIS_PASSWORD"] = redis_password
     if auth == "keys":
         env["LOUPE_API_KEYS_FILE"] = keys_file
     for name in SERVICES:
@@ -300,10 +330,11 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
     for name in SERVICES:
         port, metrics_port = ports[name]
         log_file = open(logs_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        tls_env = local_tls.service_env(data_dir, name) if tls else local_tls.plaintext_env()
         children[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            env={**env, **tls_env}, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log_file.close()
         state.processes.append(Process(name, children[name].pid, port, metrics_port))
@@ -321,9 +352,9 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
                 down(data_dir, lambda _: None)
                 raise StackError(f"{name} exited with status {child.returncode}:\n{tail}")
             ready = (
-                _redis_answers(redis_port)
+                _redis_answers(redis_port, redis_password)
                 if name == "redis"
-                else _serving(f"127.0.0.1:{ports[name][0]}")
+                else _serving(f"127.0.0.1:{ports[name][0]}", client_tls)
             )
             if ready:
                 pending.remove(name)
@@ -348,6 +379,13 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
             f"{local_key_path(data_dir)} for this stack")  # fmt: skip
     else:
         say(f"API keys: {keys_file} (LOUPE_API_KEYS_FILE)")
+    if tls:
+        say(
+            f"TLS: mutual, certificates in {local_tls.tls_dir(data_dir)}; client commands "
+            f"trust {local_tls.ca_path(data_dir)} for this stack (LOUPE_TLS=off: plaintext)"
+        )
+    else:
+        say("TLS: off (LOUPE_TLS=off): every port of the stack is plaintext")
     return state
 
 
@@ -390,8 +428,10 @@ def status(data_dir: Path) -> list[tuple[str, int, str]]:
         if not _alive(p.pid):
             health = "DEAD"
         elif p.name == "redis":
-            health = "UP" if _redis_answers(p.port) else "NOT ANSWERING"
+            password = local_tls.redis_password(Path(state.data_dir))
+            health = "UP" if _redis_answers(p.port, password) else "NOT ANSWERING"
         else:
-            health = "SERVING" if _serving(f"127.0.0.1:{p.port}") else "NOT_SERVING"
+            serving = _serving(f"127.0.0.1:{p.port}", state.client_tls())
+            health = "SERVING" if serving else "NOT_SERVING"
         rows.append((p.name, p.pid, health))
     return rows

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.channels import TLSSettings
 
 
 class ConfigError(ValueError):
@@ -107,6 +111,11 @@ class ServerSettings:
     # gRPC server reflection (grpcurl lists and calls methods without the protos): handy on a
     # laptop, a map for an intruder elsewhere; the chart turns it off.
     reflection: bool
+    # LOUPE_TLS_*: a TLS port (and client certificates required) instead of a plaintext one.
+    tls: TLSSettings = field(default_factory=lambda: _tls_off())
+    # A second, plaintext port that serves grpc.health only (0: none): Kubernetes' gRPC probes
+    # speak no TLS, and health says nothing a caller could use.
+    health_port: int = 0
 
     @classmethod
     def from_env(cls, service: str) -> ServerSettings:
@@ -125,4 +134,22 @@ class ServerSettings:
                 "LOUPE_LOG_LEVEL", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
             ),
             reflection=env_bool("LOUPE_GRPC_REFLECTION", True),
+            tls=server_tls(),
+            health_port=env_int("LOUPE_HEALTH_PORT", 0, minimum=0, maximum=65535),
         )
+
+
+# Imported when called: services.common.channels builds on this module.
+def _tls_off() -> TLSSettings:
+    from services.common.channels import TLSSettings
+
+    return TLSSettings()
+
+
+def server_tls() -> TLSSettings:
+    """LOUPE_TLS_* as a server reads them: TLS on means a certificate of its own."""
+    from services.common.channels import TLSSettings
+
+    tls = TLSSettings.from_env()
+    tls.check_server()
+    return tls

@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from services.common.channels import TLSSettings
 from services.common.config import ConfigError, env_address, env_float, env_int, env_str
 from services.common.cpu import available_cores
 
@@ -180,6 +181,9 @@ class InferenceSettings:
     # Triton: its gRPC endpoint and the longest a call may take.
     triton_url: str = "localhost:8001"
     triton_timeout_seconds: float = 10.0
+    # Triton: TLS to its gRPC endpoint (LOUPE_TLS_*; the service's certificate is the client
+    # certificate Triton sees with --grpc-use-ssl-mutual).
+    triton_tls: TLSSettings = field(default_factory=TLSSettings)
 
     @classmethod
     def from_env(cls) -> InferenceSettings:
@@ -197,6 +201,12 @@ class InferenceSettings:
             triton_url=env_address("LOUPE_TRITON_URL", "localhost:8001"),
             triton_timeout_seconds=env_float(
                 "LOUPE_TRITON_TIMEOUT_SECONDS", 10.0, minimum=0.001, maximum=3600.0
+            ),
+            # A Triton of one's own may serve plaintext while the services use TLS.
+            triton_tls=(
+                TLSSettings()
+                if env_str("LOUPE_TRITON_TLS", "auto", choices=("auto", "off")) == "off"
+                else TLSSettings.from_env()
             ),
         )
 
@@ -248,7 +258,9 @@ def create_backend(settings: InferenceSettings, spec: ModelSpec) -> InferenceBac
         from services.common.triton_backend import TritonBackend
 
         return ObservedBackend(
-            TritonBackend(spec, settings.triton_url, settings.triton_timeout_seconds)
+            TritonBackend(
+                spec, settings.triton_url, settings.triton_timeout_seconds, settings.triton_tls
+            )
         )
     raise ConfigError(
         f"LOUPE_INFERENCE_BACKEND={settings.backend!r}: expected one of {', '.join(BACKENDS)}"

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from services.common import cpu, logs
+from services.common.channels import TLSSettings
 from services.common.config import ConfigError, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,29 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     ]
 
 
+def add_port(server: grpc.aio.Server, address: str, tls: TLSSettings) -> int:
+    """Listen on `address`: TLS (client certificates required when `tls` says so) or, with
+    TLS off, plaintext. The bound port; 0 if it could not bind."""
+    if not tls.enabled:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.server_credentials())
+
+
+async def serve_health(
+    health: health_aio.HealthServicer, host: str, port: int
+) -> grpc.aio.Server | None:
+    """The plaintext health-only port (LOUPE_HEALTH_PORT), sharing the main port's health
+    statuses; None when `port` is 0."""
+    if not port:
+        return None
+    probes = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, probes)
+    if probes.add_insecure_port(f"{host}:{port}") == 0:
+        raise RuntimeError(f"cannot listen on {host}:{port} (LOUPE_HEALTH_PORT)")
+    await probes.start()
+    return probes
+
+
 # Health name that is SERVING while the process runs, whatever its dependencies do.
 LIVENESS_SERVICE = "loupe.liveness"
 
@@ -189,15 +213,24 @@ async def serve(service: Service, settings: ServerSettings) -> None:
 
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     start_http_server(settings.metrics_port, addr=settings.host)
+    probes = await serve_health(health, settings.host, settings.health_port)
     address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
+    if add_port(server, address, settings.tls) == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
     # The process is alive even while it cannot serve (loading, or Triton down): a liveness
     # probe asks about this name, so that a dependency's outage takes the pod out of its
     # Service (readiness) without restarting it.
     await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening", extra={"address": address, "metrics_port": settings.metrics_port})
+    log.info(
+        "listening",
+        extra={
+            "address": address,
+            "metrics_port": settings.metrics_port,
+            "health_port": settings.health_port,
+            **settings.tls.describe(),
+        },
+    )
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -229,6 +262,8 @@ async def serve(service: Service, settings: ServerSettings) -> None:
             watching.cancel()
         # In-flight calls finish within the grace period; new ones are refused.
         await server.stop(settings.grace_seconds)
+        if probes is not None:
+            await probes.stop(None)
         await service.close()
     log.info("stopped")
 

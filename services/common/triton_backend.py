@@ -24,6 +24,7 @@ from tritonclient.grpc import (
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from services.common.channels import TLSSettings
 from services.common.config import ConfigError
 from services.common.inference import (
     InferenceTimeout,
@@ -51,13 +52,27 @@ READY_TIMEOUT_SECONDS = 5.0
 UNAVAILABLE_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
 
 
+def triton_client(url: str, tls: TLSSettings) -> triton_aio.InferenceServerClient:
+    """tritonclient's asyncio client, over TLS (with the service's certificate as the client
+    certificate) when `tls` is on: the credentials every other channel of Loupe uses."""
+    if not tls.enabled:
+        return triton_aio.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+    return triton_aio.InferenceServerClient(
+        url,
+        creds=tls.channel_credentials(),
+        channel_args=[*CHANNEL_ARGS, *tls.channel_options()],
+    )
+
+
 class TritonBackend:
-    def __init__(self, spec: ModelSpec, url: str, timeout_seconds: float) -> None:
+    def __init__(
+        self, spec: ModelSpec, url: str, timeout_seconds: float, tls: TLSSettings | None = None
+    ) -> None:
         self.spec = spec
         self.url = url
         self.timeout_seconds = timeout_seconds
         # Binds to the running event loop: create it inside the loop that will use it.
-        self._client = triton_aio.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self._client = triton_client(url, tls or TLSSettings())
         self._outputs = [InferRequestedOutput(o.name) for o in spec.outputs]
         self._config_checked = False
 

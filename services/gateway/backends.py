@@ -18,6 +18,7 @@ from loupe.v1 import (
     ranking_pb2_grpc,
     retrieval_pb2_grpc,
 )
+from services.common.channels import open_channel
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Backends:
         }
         # One channel per address: the writer is often the same process as the readers.
         by_address = {
-            address: grpc.aio.insecure_channel(address, options=options)
+            address: open_channel(address, settings.tls, options=options)
             for address in dict.fromkeys(self.addresses.values())
         }
         self._channels = {name: by_address[address] for name, address in self.addresses.items()}

@@ -20,6 +20,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from services.common.cache_keys import embedding_key, generation_key, search_key
+from services.common.channels import TLSSettings, redis_tls_options
 from services.gateway.metrics import CACHE_ERRORS
 
 __all__ = ["Cache", "embedding_key", "generation_key", "search_key"]
@@ -42,7 +43,11 @@ class Cache:
         retry_seconds: float,
         embedding_ttl_seconds: int,
         search_ttl_seconds: int,
+        tls: TLSSettings | None = None,
     ) -> None:
+        # rediss://: LOUPE_TLS_* (the gateway's settings, else this process's environment).
+        if tls is None and url.startswith("rediss://"):
+            tls = TLSSettings.from_env()
         self._client = (
             redis.Redis.from_url(
                 url,
@@ -50,6 +55,7 @@ class Cache:
                 socket_timeout=timeout_seconds,
                 socket_connect_timeout=timeout_seconds,
                 retry_on_timeout=False,
+                **redis_tls_options(url, tls),
             )
             if url
             else None

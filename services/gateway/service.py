@@ -790,6 +790,7 @@ class GatewayService:
             settings.redis_retry_seconds,
             settings.embedding_cache_ttl_seconds,
             settings.search_cache_ttl_seconds,
+            settings.tls,
         )
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.common.channels import TLSSettings
 from services.common.config import ConfigError, env_address, env_float, env_int, env_str
 
 AUTH_MODES = ("keys", "open")
@@ -44,6 +45,9 @@ class GatewaySettings:
     api_keys_file: str
     # How often the keys file is checked for changes (rotation without a restart).
     auth_reload_seconds: float
+    # LOUPE_TLS_*: how the gateway reaches the backends (its CA, and the certificate it
+    # presents to them).
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -86,6 +90,7 @@ class GatewaySettings:
             auth_reload_seconds=env_float(
                 "LOUPE_AUTH_RELOAD_SECONDS", 5.0, minimum=0.1, maximum=3600.0
             ),
+            tls=TLSSettings.from_env(),
         )
         if settings.auth == "keys" and not settings.api_keys_file:
             raise ConfigError(

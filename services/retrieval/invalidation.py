@@ -16,6 +16,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.common.cache_keys import generation_key
+from services.common.channels import TLSSettings, redis_tls_options
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,12 @@ INVALIDATIONS = Counter(
 
 
 class CacheInvalidator:
-    def __init__(self, url: str, password: str, timeout_seconds: float) -> None:
+    def __init__(
+        self, url: str, password: str, timeout_seconds: float, tls: TLSSettings | None = None
+    ) -> None:
+        # rediss://: LOUPE_TLS_* (given, else this process's environment).
+        if tls is None and url.startswith("rediss://"):
+            tls = TLSSettings.from_env()
         self._client = (
             redis.Redis.from_url(
                 url,
@@ -35,6 +41,7 @@ class CacheInvalidator:
                 socket_timeout=timeout_seconds,
                 socket_connect_timeout=timeout_seconds,
                 retry_on_timeout=False,
+                **redis_tls_options(url, tls),
             )
             if url
             else None

@@ -233,7 +233,7 @@ def scrape(port: int) -> str:
 
 @pytest.fixture(scope="module")
 def exported(stack: Stack) -> set[str]:
-    with grpc.insecure_channel(stack.gateway) as channel:
+    with stack.channel("gateway") as channel:
         gateway = gateway_pb2_grpc.GatewayStub(with_key(channel, local_api_key(stack.data_dir)))
         first, second = photo(1), photo(2)
         gateway.Index(gateway_pb2.IndexRequest(item_id="a", image=first, detect=True), timeout=120)

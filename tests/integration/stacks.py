@@ -1,7 +1,8 @@
 """A whole stack, as users run it (`loupe up` on free loopback ports), for integration tests:
 `with running_stack(data_dir) as stack:` yields a Stack, and `loupe down` runs on the way out.
 The stack's own admin key (made by `loupe up`) is in LOUPE_API_KEY for every `loupe` command,
-and sent by `stub()`.
+and sent by `stub()`; its CA is in LOUPE_TLS_CA, and `channel()` presents its client
+certificate, as a backend of the stack requires.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loupe.v1 import gateway_pb2_grpc
+from services.cli import local_tls
 from services.cli.client import with_key
-from services.cli.stack import local_api_key
+from services.cli.stack import StackState, local_api_key
+from services.common.channels import TLSSettings, open_blocking_channel
 from tests.support import free_ports
 
 LOUPE = str(Path(sys.executable).parent / "loupe")
@@ -49,11 +52,23 @@ class Stack:
             )
         return result
 
-    def stub(self) -> gateway_pb2_grpc.GatewayStub:
-        channel = grpc.insecure_channel(
-            self.gateway, options=[("grpc.max_receive_message_length", 64 << 20)]
+    def tls(self) -> TLSSettings:
+        """The stack's CA and client certificate (plaintext when it runs with LOUPE_TLS=off)."""
+        state = StackState.load(self.data_dir)
+        return state.client_tls() if state is not None else TLSSettings()
+
+    def channel(self, service: str) -> grpc.Channel:
+        """A channel to one process of the stack, with the stack's client certificate."""
+        return open_blocking_channel(
+            f"127.0.0.1:{self.ports[service]}",
+            self.tls(),
+            options=[("grpc.max_receive_message_length", 64 << 20)],
         )
-        return gateway_pb2_grpc.GatewayStub(with_key(channel, self.env.get("LOUPE_API_KEY", "")))
+
+    def stub(self) -> gateway_pb2_grpc.GatewayStub:
+        return gateway_pb2_grpc.GatewayStub(
+            with_key(self.channel("gateway"), self.env.get("LOUPE_API_KEY", ""))
+        )
 
     def metrics(self, service: str) -> str:
         url = f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
@@ -61,7 +76,7 @@ class Stack:
             return response.read().decode()
 
     def health(self, service: str, name: str = "") -> int:
-        with grpc.insecure_channel(f"127.0.0.1:{self.ports[service]}") as channel:
+        with self.channel(service) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=name), timeout=5
             )
@@ -101,6 +116,9 @@ def running_stack(data_dir: Path, settings: dict[str, str] | None = None) -> Ite
     running = Stack(data_dir, env, grpc_ports, metrics_ports, env["LOUPE_GATEWAY"])
     running.loupe("up", "--data-dir", str(data_dir))
     env["LOUPE_API_KEY"] = local_api_key(data_dir)
+    if running.tls().enabled:
+        # For `loupe` commands, whose own data directory is not this one.
+        env["LOUPE_TLS_CA"] = str(local_tls.ca_path(data_dir))
     try:
         yield running
     finally:

@@ -65,7 +65,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def retrieval(stack: Stack) -> Iterator[retrieval_pb2_grpc.RetrievalServiceStub]:
     """Retrieval itself, around the gateway: what another process on the host can call."""
-    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['retrieval']}") as channel:
+    with stack.channel("retrieval") as channel:
         yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -20,9 +21,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from loupe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from services.cli import local_tls
+from services.cli.client import with_key
+from services.common.channels import TLSSettings, open_blocking_channel
 from tests.integration.stacks import LOUPE, SERVICES, Stack, metric_value, running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +239,7 @@ def test_get_and_delete(stack: Stack, corel_indexed: dict, tmp_path: Path) -> No
 def test_the_gateway_takes_calls_with_a_key_of_the_right_role(
     stack: Stack, corel_indexed: dict
 ) -> None:
-    with grpc.insecure_channel(stack.gateway) as channel, pytest.raises(grpc.RpcError) as error:
+    with stack.channel("gateway") as channel, pytest.raises(grpc.RpcError) as error:
         gateway_pb2_grpc.GatewayStub(channel).Get(gateway_pb2.GetRequest(item_id="250.jpg"))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     local_key = stack.data_dir / "auth" / "local.key"
@@ -266,6 +270,57 @@ def test_the_gateway_takes_calls_with_a_key_of_the_right_role(
     assert metric_value(
         counted, "loupe_gateway_auth_requests_total", key="reader", outcome="permission_denied"
     )
+
+
+def test_only_the_stack_itself_reaches_its_backends(stack: Stack, corel_indexed: dict) -> None:
+    """Mutual TLS (on by default): a local process without the stack's client certificate
+    cannot call a backend around the gateway, nor use its Redis without the password."""
+    ca = str(local_tls.ca_path(stack.data_dir))
+    for service in ("detection", "embedding", "retrieval", "ranking"):
+        address = f"127.0.0.1:{stack.ports[service]}"
+        for tls in (TLSSettings(), TLSSettings(True, ca=ca)):
+            with (
+                open_blocking_channel(address, tls) as channel,
+                pytest.raises(grpc.RpcError) as error,
+            ):
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE, (service, tls)
+        assert stack.health(service) == health_pb2.HealthCheckResponse.SERVING
+    retrieval = f"127.0.0.1:{stack.ports['retrieval']}"
+    request = retrieval_pb2.LookupRequest(item_id="250.jpg")
+    with (
+        open_blocking_channel(retrieval, TLSSettings(True, ca=ca)) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        retrieval_pb2_grpc.RetrievalServiceStub(channel).Lookup(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    with stack.channel("retrieval") as channel:
+        assert retrieval_pb2_grpc.RetrievalServiceStub(channel).Lookup(request, timeout=30).items
+    # The gateway serves TLS to callers without a certificate (they bring an API key), and
+    # nothing in plaintext.
+    for tls, code in ((TLSSettings(True, ca=ca), "OK"), (TLSSettings(), "UNAVAILABLE")):
+        with open_blocking_channel(stack.gateway, tls) as channel:
+            try:
+                gateway_pb2_grpc.GatewayStub(
+                    with_key(channel, stack.env["LOUPE_API_KEY"])
+                ).ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=30)
+                outcome = "OK"
+            except grpc.RpcError as failure:
+                outcome = failure.code().name  # type: ignore[attr-defined]
+        assert outcome == code, tls
+    for secret in [*local_tls.tls_dir(stack.data_dir).glob("*.key"),
+                   local_tls.redis_password_path(stack.data_dir)]:  # fmt: skip
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    redis_port = next(p["port"] for p in stack.state()["processes"] if p["name"] == "redis")
+    with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as conn:
+        conn.sendall(b"*3\r\n$3\r\nSET\r\n$14\r\nloupe:search:x\r\n$1\r\n1\r\n")
+        assert conn.recv(64).startswith(b"-NOAUTH")
+    # The password is on no command line (which any local user can read).
+    password = local_tls.redis_password(stack.data_dir)
+    for process in stack.state()["processes"]:
+        assert password not in Path(f"/proc/{process['pid']}/cmdline").read_text()
 
 
 def test_every_service_exports_request_counters_and_latency(
@@ -482,7 +537,10 @@ def test_a_backend_outage_is_unavailable_and_names_the_backend(
 def test_data_survives_a_restart(stack: Stack, corel_indexed: dict) -> None:
     stack.loupe("down", "--data-dir", str(stack.data_dir))
     assert not (stack.data_dir / "run" / "stack.json").exists()
+    ca = local_tls.ca_path(stack.data_dir).read_bytes()
     stack.loupe("up", "--data-dir", str(stack.data_dir))
+    # The same CA and certificates: a client that trusts the stack goes on trusting it.
+    assert local_tls.ca_path(stack.data_dir).read_bytes() == ca
     item = json.loads(stack.loupe("get", "during-outage").stdout)
     assert item["itemId"] == "during-outage"
     answer = search_json(stack, "--item", "250.jpg")[0]

@@ -40,8 +40,10 @@ from loupe.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
 )
+from services.cli import local_tls
 from services.cli.client import with_key
-from services.cli.stack import local_api_key
+from services.cli.stack import StackState, local_api_key
+from services.common.channels import TLSSettings, open_blocking_channel
 from services.common.inference import REPOSITORY_IN_CHECKOUT
 from services.detection.service import DetectionService
 from services.detection.settings import DetectionSettings
@@ -198,8 +200,13 @@ class Stack:
         return result.stdout
 
     def channel(self, service: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.ports[service]}")
-        # The gateway takes calls with the stack's own key (the backends take any, for now).
+        state = StackState.load(self.data_dir)
+        channel = open_blocking_channel(
+            f"127.0.0.1:{self.ports[service]}",
+            state.client_tls() if state is not None else TLSSettings(),
+        )
+        # The gateway takes calls with the stack's own key; the backends, the stack's client
+        # certificate.
         return with_key(channel, self.env["LOUPE_API_KEY"]) if service == "gateway" else channel
 
     def health(self, service: str) -> int:
@@ -225,9 +232,12 @@ def stack(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env["LOUPE_GATEWAY"] = f"127.0.0.1:{grpc_ports['gateway']}"
     env["LOUPE_INFERENCE_BACKEND"] = "triton"
     env["LOUPE_TRITON_URL"] = triton.url
+    # The test's Triton serves plaintext; the stack's own hops are mutual TLS as usual.
+    env["LOUPE_TRITON_TLS"] = "off"
     running = Stack(data_dir, env, grpc_ports)
     running.loupe("up", "--data-dir", str(data_dir), timeout=300)
     env["LOUPE_API_KEY"] = local_api_key(data_dir)
+    env["LOUPE_TLS_CA"] = str(local_tls.ca_path(data_dir))
     try:
         yield running
     finally:
