@@ -3,15 +3,14 @@
 milvus-lite's helper process (which write to the file descriptors directly).
 
 The retrieval service runs as `loupe up` runs it, its stdout and stderr in one file; its
-libraries are made to log for real: milvus-lite is stopped under a search (pymilvus logs the
-timeout), and GRPC_VERBOSITY=debug makes gRPC's C core write in both processes.
+libraries are made to log for real: the DBA batch job makes pymilvus warn, and
+GRPC_VERBOSITY=debug makes gRPC's C core write in both processes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +27,6 @@ from tools.rss_huge_images import ROOT, running_service
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 DIM = 8
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            status = (proc / "status").read_text()
-        except OSError:
-            continue
-        if f"\nPPid:\t{pid}\n" in status:
-            found.append(int(proc.name))
-    return found
 
 
 def log_lines(path: Path) -> list[dict]:
@@ -63,28 +50,22 @@ def test_every_line_of_retrieval_log_is_json(tmp_path: Path) -> None:
     env = {
         "LOUPE_DATA_DIR": str(tmp_path),
         "LOUPE_EMBEDDING_DIM": str(DIM),
-        "LOUPE_MILVUS_TIMEOUT_SECONDS": "1",
         "LOUPE_REDIS_URL": "",
         "GRPC_VERBOSITY": "debug",
         "GRPC_TRACE": "server_channel",
     }
     query = c.Vector(values=np.ones(DIM).tolist())
     with (
-        running_service("retrieval", env, log) as (pid, address),
+        running_service("retrieval", env, log) as (_, address),
         grpc.insecure_channel(address) as channel,
     ):
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         stored = r.StoredItem(item_id="logged", content_hash="h")
         stored.objects.add(object_index=0, vector=query)
         stub.Upsert(r.UpsertRequest(item=stored), timeout=60)
-        (milvus,) = children(pid)
-        os.kill(milvus, signal.SIGSTOP)
-        try:
-            with pytest.raises(grpc.RpcError) as error:
-                stub.Search(r.RetrievalSearchRequest(query=query, limit=5), timeout=60)
-        finally:
-            os.kill(milvus, signal.SIGCONT)
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The batch job reads with a query iterator, and pymilvus warns that milvus-lite
+        # gives it no timestamp: a library's own log line, at every run.
+        stub.Augment(r.AugmentRequest(), timeout=120)
         assert stub.Search(r.RetrievalSearchRequest(query=query, limit=5), timeout=60)
     entries = log_lines(log)
     loggers = {e["logger"] for e in entries}
@@ -93,8 +74,6 @@ def test_every_line_of_retrieval_log_is_json(tmp_path: Path) -> None:
     assert "stderr" in loggers, loggers
     assert {e["service"] for e in entries} == {"retrieval"}
     assert any(e["msg"] == "stopped" for e in entries)
-    # Each record is one line: a traceback stays inside its JSON string.
-    assert any("DEADLINE_EXCEEDED" in e["msg"] for e in entries if e["level"] == "error")
 
 
 def test_a_configuration_error_is_logged_as_json(tmp_path: Path) -> None:

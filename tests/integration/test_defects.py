@@ -243,14 +243,15 @@ def test_a_hung_milvus_is_unavailable_and_loupe_index_exits_1(stack: Stack, tmp_
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     details = error.value.details()
     assert "retrieval service at" in details and "Milvus at" in details, details
-    assert "DEADLINE_EXCEEDED" in details and "internal error" not in details, details
+    assert "INTERNAL" not in details and "internal error" not in details, details
     # Milvus answers again: so does everything else.
     assert stack.loupe("index", str(photos), "--quiet").returncode == 0
 
 
 def test_every_line_of_every_service_log_is_json(stack: Stack) -> None:
-    """Last: stops the stack, so that shutdown's lines are in the logs too. The fault above
-    made pymilvus log its errors (plain text with its own handler before)."""
+    """Last: stops the stack, so that shutdown's lines are in the logs too. The batch job
+    makes pymilvus log (plain text, through a handler of its own, before)."""
+    stack.loupe("catalogs", "augment", "default")
     stack.loupe("down", "--data-dir", str(stack.data_dir))
     loggers: set[str] = set()
     for service in SERVICES:
