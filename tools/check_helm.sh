@@ -71,13 +71,15 @@ done
 echo "==> kubernetes-validate --strict (Kubernetes $KUBE_VERSION)"
 # kubernetes-validate knows only built-in kinds: for anything else it prints a warning and
 # passes. A typo in a built-in apiVersion would pass the same way, so every unknown kind must
-# be one of the Prometheus Operator's, whose shape tests/deploy/test_chart.py checks instead.
+# be one of the Prometheus Operator's or cert-manager's Certificate (tls.enabled), whose shapes
+# tests/deploy/test_chart.py and test_chart_tls.py check instead.
 report=$("$VENV/kubernetes-validate" --strict -k "$KUBE_VERSION" "$RENDERED"/*.yaml 2>&1) || {
   echo "$report" >&2
   exit 1
 }
 unexpected=$(echo "$report" | grep "Couldn't find schema" \
   | grep -v -E "for kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1 " \
+  | grep -v -E "for kind Certificate with api version cert-manager.io/v1 " \
   || true)
 if [ -n "$unexpected" ]; then
   echo "no schema for these kinds (misspelt apiVersion or kind?):" >&2

@@ -207,6 +207,10 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- $program := include "loupe.serviceProgram" . }}
 {{- $upper := upper $program }}
 {{- $env := dict }}
+{{- if $root.Values.tls.enabled }}
+{{- /* The backends require a client certificate; the gateway's callers bring API keys. */}}
+{{- $_ := set $env "LOUPE_TLS_CLIENT_AUTH" (ternary "none" "require" (eq $program "gateway")) }}
+{{- end }}
 {{- if eq $program "gateway" }}
 {{- range $backend := list "detection" "embedding" "retrieval" "ranking" }}
 {{- $port := (index $root.Values.services $backend).service.port }}
@@ -248,6 +252,11 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- $_ := set $env $key ($value | toString) }}
 {{- end }}
 {{- $_ := set $env "LOUPE_LISTEN_HOST" "0.0.0.0" }}
+{{- if $root.Values.tls.enabled }}
+{{- range $key, $value := include "loupe.tlsEnv" $root | fromYaml }}
+{{- $_ := set $env $key $value }}
+{{- end }}
+{{- end }}
 {{- $_ := set $env (printf "LOUPE_%s_PORT" $upper) ($svc.grpcPort | toString) }}
 {{- $_ := set $env (printf "LOUPE_%s_METRICS_PORT" $upper) ($svc.metricsPort | toString) }}
 {{- if has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}

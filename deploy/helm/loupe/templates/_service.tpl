@@ -15,6 +15,9 @@ Usage: include "loupe.service" (list $ "gateway")
 {{- $isModel := has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}
 {{- $embedded := and (eq $name "retrieval") $root.Values.milvus.embedded }}
 {{- $config := include "loupe.serviceConfigMap" (list $root $name) }}
+{{- $tls := $root.Values.tls.enabled }}
+{{- /* Kubernetes' gRPC probes speak no TLS: with TLS on they ask the plaintext health port. */}}
+{{- $probePort := ternary $root.Values.tls.healthPort $svc.grpcPort $tls }}
 {{- $secretEnv := list }}
 {{- if and (has $program (list "gateway" "retrieval")) $root.Values.redis.url }}
 {{- $secretEnv = append $secretEnv (list "LOUPE_REDIS_PASSWORD" $root.Values.secrets.redisPasswordKey) }}
@@ -119,6 +122,11 @@ spec:
             - name: metrics
               containerPort: {{ $svc.metricsPort }}
               protocol: TCP
+            {{- if $tls }}
+            - name: health
+              containerPort: {{ $root.Values.tls.healthPort }}
+              protocol: TCP
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ $fullname }}
@@ -134,15 +142,15 @@ spec:
           {{- end }}
           startupProbe:
             grpc:
-              port: {{ $svc.grpcPort }}
+              port: {{ $probePort }}
             {{- toYaml $root.Values.probes.startup | nindent 12 }}
           readinessProbe:
             grpc:
-              port: {{ $svc.grpcPort }}
+              port: {{ $probePort }}
             {{- toYaml $root.Values.probes.readiness | nindent 12 }}
           livenessProbe:
             grpc:
-              port: {{ $svc.grpcPort }}
+              port: {{ $probePort }}
               {{- with $root.Values.probes.liveness.grpcService }}
               service: {{ . | quote }}
               {{- end }}
@@ -167,6 +175,9 @@ spec:
             - name: data
               mountPath: /data
             {{- end }}
+            {{- if $tls }}
+            {{- include "loupe.tlsMount" $root | nindent 12 }}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -182,6 +193,9 @@ spec:
           {{- else }}
           emptyDir: {}
           {{- end }}
+        {{- end }}
+        {{- if $tls }}
+        {{- include "loupe.tlsVolume" (list $root $name) | nindent 8 }}
         {{- end }}
 ---
 apiVersion: v1
