@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.cli import local_tls
 from services.cli.stack import local_api_key
 from services.common.cpu import available_cores, limit_blas_threads
 from services.common.images import DEFAULT_MAX_PIXELS
@@ -136,6 +137,9 @@ def loupe_index(images: Path, detect: bool) -> float:
         )
         # The stack's own admin key, for `loupe index` against a gateway on a port of its own.
         env["LOUPE_API_KEY"] = local_api_key(data_dir)
+        # And its CA (the gateway serves TLS), for the same reason.
+        if local_tls.ca_path(data_dir).is_file():
+            env["LOUPE_TLS_CA"] = str(local_tls.ca_path(data_dir))
         command = [LOUPE, "index", str(images), "--quiet", *(["--detect"] if detect else [])]
         result = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         match = re.search(r"\(([\d.]+) files/s\)", result.stderr)

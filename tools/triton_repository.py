@@ -34,7 +34,7 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -262,6 +262,10 @@ class TritonServer:
     http_port: int = 0
     metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    # gRPC over mutual TLS, as the chart runs it: (server certificate, its key, the CA that
+    # signs the clients' certificates); the same files' client side for the readiness check.
+    tls: tuple[str, str, str] | None = None
+    client_tls: tuple[str, str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.grpc_port = self.grpc_port or free_port()
@@ -305,6 +309,15 @@ class TritonServer:
             # Several test servers may share /dev/shm: keep their regions apart.
             f"--backend-config=python,shm-region-prefix-name=loupe{os.getpid()}_{self.grpc_port}_",
         ]
+        if self.tls:
+            cert, key, ca = self.tls
+            command += [
+                "--grpc-use-ssl=true",
+                "--grpc-use-ssl-mutual=true",
+                f"--grpc-server-cert={cert}",
+                f"--grpc-server-key={key}",
+                f"--grpc-root-cert={ca}",
+            ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command,
@@ -318,7 +331,13 @@ class TritonServer:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        client = grpcclient.InferenceServerClient(self.url)
+        if self.client_tls:
+            cert, key, ca = self.client_tls
+            client = grpcclient.InferenceServerClient(
+                self.url, ssl=True, root_certificates=ca, private_key=key, certificate_chain=cert
+            )
+        else:
+            client = grpcclient.InferenceServerClient(self.url)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -375,13 +394,18 @@ def running_triton(
     threads: int = 0,
     env: Path | None = None,
     timeout: float = 90.0,
+    tls: tuple[str, str, str] | None = None,
+    client_tls: tuple[str, str, str] | None = None,
 ) -> Iterator[TritonServer]:
     """Generate the twin repository of `models` (default: all) under `workdir`, start Triton
-    on free ports, wait for every model, and stop it on exit."""
+    on free ports (gRPC over mutual TLS with `tls`: certificate, key, CA; `client_tls` for its
+    readiness check), wait for every model, and stop it on exit."""
     install = setup(env)
     repository = workdir / "repository"
     names = generate(source, repository, threads, models)
-    server = TritonServer(install, repository, workdir / "tritonserver.log")
+    server = TritonServer(
+        install, repository, workdir / "tritonserver.log", tls=tls, client_tls=client_tls
+    )
     server.start()
     try:
         server.wait_ready(names, timeout)

@@ -114,12 +114,17 @@ class _StreamStreamKey(_WithKey, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), requests)
 
 
-def channel(address: str, key: str = "", tls: TLSSettings | None = None) -> grpc.aio.Channel:
+def channel(
+    address: str,
+    key: str = "",
+    tls: TLSSettings | None = None,
+    data_dir: Path = DEFAULT_DATA_DIR,
+) -> grpc.aio.Channel:
     """An asyncio channel to the gateway that sends `key` (when there is one) with each call;
-    TLS as `tls` says (None: as `client_tls` finds for `address`)."""
+    TLS as `tls` says (None: as `client_tls` finds for `address` and `data_dir`)."""
     return open_channel(
         address,
-        client_tls(address) if tls is None else tls,
+        client_tls(address, data_dir) if tls is None else tls,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -236,7 +236,8 @@ async def evaluate(args: argparse.Namespace) -> int:
     catalog = args.catalog or f"eval_{uuid.uuid4().hex[:8]}"
     top_k = args.top_k or min(DEFAULT_TOP_K, len(gallery) - (0 if queries else 1))
     address = gateway_address(args.gateway, args.data_dir)
-    async with channel(address, api_key(args.api_key, address, args.data_dir)) as ch:
+    key = api_key(args.api_key, address, args.data_dir)
+    async with channel(address, key, data_dir=args.data_dir) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         try:
             existing = await stub.ListCatalogs(gateway_pb2.ListCatalogsRequest())

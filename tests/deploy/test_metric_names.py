@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 
 from loupe.v1 import gateway_pb2, gateway_pb2_grpc
 from services.cli.client import with_key
-from services.cli.stack import local_api_key
+from services.cli.stack import StackState, local_api_key
+from services.common.channels import TLSSettings, open_blocking_channel
 from tests.deploy.chart import (
     ROOT,
     alert_rules,
@@ -233,7 +234,9 @@ def scrape(port: int) -> str:
 
 @pytest.fixture(scope="module")
 def exported(stack: Stack) -> set[str]:
-    with stack.channel("gateway") as channel:
+    state = StackState.load(stack.data_dir)
+    tls = state.client_tls() if state is not None else TLSSettings()
+    with open_blocking_channel(stack.gateway, tls) as channel:
         gateway = gateway_pb2_grpc.GatewayStub(with_key(channel, local_api_key(stack.data_dir)))
         first, second = photo(1), photo(2)
         gateway.Index(gateway_pb2.IndexRequest(item_id="a", image=first, detect=True), timeout=120)
