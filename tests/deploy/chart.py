@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "loupe"
 HELM = Path(os.environ.get("LOUPE_HELM", ROOT / ".cache" / "helm" / "package" / "bin" / "helm"))
 KUBE_VERSION = "1.30.0"
+# The Prometheus Operator's API: the chart renders ServiceMonitor and PrometheusRule only where
+# the cluster serves it. `helm template` knows no cluster, so render() tells it the API exists
+# (as on a production cluster) unless asked to render for a cluster without it.
+MONITORING_API = "monitoring.coreos.com/v1"
 RELEASE = "loupe"
 NAMESPACE = "loupe"
 PROFILES = {
@@ -47,9 +51,13 @@ def helm() -> Path:
 
 
 @functools.cache
-def _render(profile: str, sets: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+def _render(
+    profile: str, sets: tuple[str, ...], api_versions: tuple[str, ...]
+) -> tuple[dict[str, Any], ...]:
     command = [str(helm()), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     command += ["--kube-version", KUBE_VERSION]
+    for api_version in api_versions:
+        command += ["--api-versions", api_version]
     for values_file in PROFILES[profile]:
         command += ["-f", str(CHART / values_file)]
     for assignment in sets:
@@ -60,9 +68,11 @@ def _render(profile: str, sets: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
-def render(profile: str = "default", *sets: str) -> list[dict[str, Any]]:
-    """The objects `helm template` renders for a profile plus --set assignments."""
-    return list(_render(profile, tuple(sets)))
+def render(profile: str = "default", *sets: str, crds: bool = True) -> list[dict[str, Any]]:
+    """The objects `helm template` renders for a profile plus --set assignments, for a cluster
+    with the Prometheus Operator's CRDs (crds=False: without them)."""
+    api_versions = (MONITORING_API,) if crds else ()
+    return list(_render(profile, tuple(sets), api_versions))
 
 
 def of_kind(docs: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

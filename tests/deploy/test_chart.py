@@ -707,6 +707,59 @@ def test_bad_values_are_refused_with_a_message(sets: tuple[str, ...], message: s
 
 # ---- monitoring ------------------------------------------------------------------------------
 
+MONITORING_KINDS = ("ServiceMonitor", "PrometheusRule")
+BOTH_ENABLED = ("monitoring.serviceMonitor.enabled=true", "monitoring.prometheusRule.enabled=true")
+
+
+def _monitoring(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+def test_monitoring_objects_need_their_crds(profile: str) -> None:
+    """Without the Prometheus Operator's API, no ServiceMonitor or PrometheusRule, even enabled
+    (the API server would refuse them and fail the install); with it, both when enabled; and the
+    rest of the release is the same either way."""
+    for sets in [(), BOTH_ENABLED]:
+        without = render(profile, *sets, crds=False)
+        assert not _monitoring(without)
+        with_crds = render(profile, *sets)
+        assert [d for d in with_crds if d["kind"] not in MONITORING_KINDS] == without
+    kinds = sorted(d["kind"] for d in _monitoring(render(profile, *BOTH_ENABLED)))
+    assert kinds == sorted(MONITORING_KINDS)
+    # dev turns them off; the production profiles leave them on.
+    expected = [] if profile == "dev" else sorted(MONITORING_KINDS)
+    assert sorted(d["kind"] for d in _monitoring(render(profile))) == expected
+
+
+@pytest.mark.parametrize("kind", MONITORING_KINDS)
+def test_a_disabled_monitoring_object_is_not_rendered(kind: str) -> None:
+    key = "serviceMonitor" if kind == "ServiceMonitor" else "prometheusRule"
+    docs = render("default", f"monitoring.{key}.enabled=false")
+    assert [d["kind"] for d in _monitoring(docs)] == [k for k in MONITORING_KINDS if k != kind]
+
+
+def test_monitoring_objects_carry_the_labels_prometheus_selects() -> None:
+    """kube-prometheus-stack selects ServiceMonitors and rules by `release: <its release>`: the
+    default fits one installed as kube-prometheus-stack, and both label sets are values."""
+    for doc in _monitoring(render("default")):
+        labels = doc["metadata"]["labels"]
+        assert labels["release"] == "kube-prometheus-stack", doc["kind"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+    docs = render(
+        "default",
+        "monitoring.serviceMonitor.labels.release=prom",
+        "monitoring.prometheusRule.labels.release=null",
+        "monitoring.prometheusRule.labels.team=search",
+    )
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    (rule,) = of_kind(docs, "PrometheusRule")
+    assert "release" not in rule["metadata"]["labels"]
+    assert rule["metadata"]["labels"]["team"] == "search"
+    readme = (CHART / "README.md").read_text()
+    assert "release: <its Helm release name>" in readme
+    assert "--api-versions\nmonitoring.coreos.com/v1" in readme.replace("`", "")
+
 
 def test_service_monitor_scrapes_every_metrics_port(profile: str, docs: list[dict]) -> None:
     monitors = of_kind(docs, "ServiceMonitor")

@@ -132,6 +132,11 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
+{{/* "true" when the cluster serves the Prometheus Operator's API (its CRDs are installed). */}}
+{{- define "loupe.monitoringApi" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
+{{- end }}
+
 {{/* repository@digest when a digest is given, else repository:tag (tag defaults to appVersion). */}}
 {{- define "loupe.imageRef" -}}
 {{- $image := index . 0 }}
