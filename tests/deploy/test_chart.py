@@ -532,12 +532,13 @@ def test_retrieval_runs_readers_beside_one_writer(production: str) -> None:
     # Its budget lets a drain evict it (maxUnavailable), never blocks it forever.
     budget = named(docs, "PodDisruptionBudget", name_of(WRITER))["spec"]
     assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget
-    # Same image and program as the readers, its own Service and ServiceAccount convention.
+    # Same image and program as the readers; its own Service and ServiceAccount.
     (writer_container,) = pod_spec(writer)["containers"]
     (reader_container,) = pod_spec(readers)["containers"]
     assert writer_container["image"] == reader_container["image"]
     assert writer_container["args"] == reader_container["args"] == ["retrieval"]
-    assert pod_spec(writer)["serviceAccountName"] == pod_spec(readers)["serviceAccountName"]
+    assert pod_spec(writer)["serviceAccountName"] == name_of(WRITER)
+    assert pod_spec(readers)["serviceAccountName"] == name_of("retrieval")
     assert component(named(docs, "Service", name_of(WRITER))) == WRITER
     # At least the readers' resources: it batches every write into Milvus.
     for kind in ("requests", "limits"):
@@ -916,6 +917,74 @@ def test_dashboard_label_is_configurable() -> None:
         c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
     ]
     assert config_map["metadata"]["labels"]["team_dashboards"] == "yes"
+
+
+# ---- identity --------------------------------------------------------------------------------
+
+
+def _pods(docs: list[dict]) -> list[dict]:
+    return [*workloads(docs), *of_kind(docs, "Job"), *of_kind(docs, "Pod")]
+
+
+@pytest.mark.parametrize("case", [*PROFILES, "ci-index-job"])
+def test_every_workload_has_its_own_service_account(case: str) -> None:
+    """One ServiceAccount per workload (the index Job and the helm test pod included), named
+    after it, with no token; and no account that nothing uses."""
+    docs = render(case)
+    accounts = {a["metadata"]["name"]: a for a in of_kind(docs, "ServiceAccount")}
+    used = []
+    for doc in _pods(docs):
+        name = pod_spec(doc)["serviceAccountName"]
+        assert name == name_of(component(doc)), doc["metadata"]["name"]
+        assert component(accounts[name]) == component(doc)
+        assert accounts[name]["automountServiceAccountToken"] is False
+        assert pod_spec(doc)["automountServiceAccountToken"] is False
+        used.append(name)
+    assert len(used) == len(set(used)), "two workloads share an account"
+    assert set(accounts) == set(used)
+    expected = {*components(case if case in PROFILES else "default"), "test"}
+    if case == "gpu":
+        expected.add("triton")
+    if case == "ci-index-job":
+        expected.add("index-job")
+    assert {component(a) for a in accounts.values()} == expected
+
+
+def test_service_accounts_can_be_annotated_renamed_or_brought() -> None:
+    docs = render(
+        "gpu",
+        "serviceAccount.annotations.team=search",
+        "triton.serviceAccount.annotations.iam\\.gke\\.io/gcp-service-account=triton@p.iam",
+        "services.gateway.serviceAccount.name=edge",
+        "services.ranking.serviceAccount.create=false",
+        "services.ranking.serviceAccount.name=shared",
+    )
+    accounts = {component(a): a for a in of_kind(docs, "ServiceAccount")}
+    assert accounts["triton"]["metadata"]["annotations"] == {
+        "team": "search",
+        "iam.gke.io/gcp-service-account": "triton@p.iam",
+    }
+    assert accounts["detection"]["metadata"]["annotations"] == {"team": "search"}
+    assert accounts["gateway"]["metadata"]["name"] == "edge"
+    assert pod_spec(named(docs, "Deployment", name_of("gateway")))["serviceAccountName"] == "edge"
+    # ranking uses an account of yours: the chart creates none for it.
+    assert "ranking" not in accounts
+    ranking = pod_spec(named(docs, "Deployment", name_of("ranking")))
+    assert ranking["serviceAccountName"] == "shared"
+    # None created at all: each workload uses the namespace's default account.
+    docs = render("default", "serviceAccount.create=false")
+    assert not of_kind(docs, "ServiceAccount")
+    assert {pod_spec(d)["serviceAccountName"] for d in _pods(docs)} == {"default"}
+
+
+def test_one_service_account_name_for_two_created_accounts_is_refused() -> None:
+    with pytest.raises(RenderError, match='ServiceAccount "x" would be created twice'):
+        render(
+            "default",
+            "services.gateway.serviceAccount.name=x",
+            "triton.serviceAccount.name=x",
+            "services.ranking.serviceAccount.name=x",
+        )
 
 
 # ---- values.yaml -----------------------------------------------------------------------------

@@ -257,8 +257,10 @@ def test_no_credentials_unless_asked() -> None:
     container = the_container(the_job(docs))
     assert "envFrom" not in container
     assert [v["name"] for v in container["env"]] == ["JOB_COMPLETION_INDEX"]
-    assert pod_spec(the_job(docs))["serviceAccountName"] == RELEASE, "the release's account"
-    assert not [d for d in of_kind(docs, "ServiceAccount") if component(d) == "index-job"]
+    # Its own ServiceAccount, as every workload of the chart, with nothing attached.
+    (account,) = [d for d in of_kind(docs, "ServiceAccount") if component(d) == "index-job"]
+    assert pod_spec(the_job(docs))["serviceAccountName"] == account["metadata"]["name"] == JOB
+    assert "annotations" not in account["metadata"]
 
 
 def test_credentials_come_from_secrets() -> None:
@@ -292,9 +294,20 @@ def test_the_job_can_have_its_own_service_account() -> None:
     assert account["metadata"]["annotations"] == CI_VALUES["serviceAccount"]["annotations"]
     assert account["automountServiceAccountToken"] is False
     assert pod_spec(the_job(docs))["serviceAccountName"] == account["metadata"]["name"]
-    docs = render("default", *ENABLED, "indexJob.serviceAccount.name=bucket-reader")
+    # An existing one, named.
+    docs = render(
+        "default",
+        *ENABLED,
+        "indexJob.serviceAccount.create=false",
+        "indexJob.serviceAccount.name=bucket-reader",
+    )
     assert pod_spec(the_job(docs))["serviceAccountName"] == "bucket-reader"
     assert not [d for d in of_kind(docs, "ServiceAccount") if component(d) == "index-job"]
+    # One created under another name.
+    docs = render("default", *ENABLED, "indexJob.serviceAccount.name=bucket-reader")
+    (account,) = [d for d in of_kind(docs, "ServiceAccount") if component(d) == "index-job"]
+    assert account["metadata"]["name"] == "bucket-reader"
+    assert pod_spec(the_job(docs))["serviceAccountName"] == "bucket-reader"
 
 
 # ---- network -----------------------------------------------------------------------------------

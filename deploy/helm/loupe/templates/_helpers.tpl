@@ -76,8 +76,9 @@ detection embedding
 
 {{/*
 The prefix of every object name. Component names append "-<component>" (at most 11 more
-characters, except "-retrieval-writer"), so the prefix is kept to 52; a component name longer
-than 63 characters is cut to 63 (loupe.componentName).
+characters, except "-retrieval-writer"), so the prefix is kept to 52; where a component name
+would still pass 63 characters, loupe.componentName shortens the prefix, never the component
+(so that "-retrieval-writer" never becomes "-retrieval", the readers' name).
 */}}
 {{- define "loupe.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -94,7 +95,9 @@ than 63 characters is cut to 63 (loupe.componentName).
 
 {{/* Usage: include "loupe.componentName" (list $ "gateway") */}}
 {{- define "loupe.componentName" -}}
-{{- printf "%s-%s" (include "loupe.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" }}
+{{- $component := index . 1 }}
+{{- $prefix := include "loupe.fullname" (index . 0) | trunc (int (sub 62 (len $component))) | trimSuffix "-" }}
+{{- printf "%s-%s" $prefix $component }}
 {{- end }}
 
 {{- define "loupe.chart" -}}
@@ -124,12 +127,43 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
+{{/*
+The ServiceAccount of one workload: the one the chart creates for it ("<fullname>-<component>"
+unless its serviceAccount.name says otherwise), or the existing one its serviceAccount.name
+names (else the namespace's "default") when the chart creates none for it.
+Usage: include "loupe.serviceAccountName" (list $ "gateway" .Values.services.gateway.serviceAccount)
+*/}}
 {{- define "loupe.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "loupe.fullname" .) .Values.serviceAccount.name }}
+{{- $root := index . 0 }}
+{{- $sa := index . 2 }}
+{{- if and $root.Values.serviceAccount.create $sa.create }}
+{{- default (include "loupe.componentName" (list $root (index . 1))) $sa.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" $sa.name }}
 {{- end }}
+{{- end }}
+
+{{/*
+Every workload the release renders with its ServiceAccount values, as YAML
+{accounts: [{component, serviceAccount}]}: one per rendered service entry, Triton, the index
+Job and the helm test pod (which has no values of its own: always its own account).
+Usage: (include "loupe.workloadServiceAccounts" . | fromYaml).accounts
+*/}}
+{{- define "loupe.workloadServiceAccounts" -}}
+{{- $accounts := list }}
+{{- range $name := splitList " " (include "loupe.renderedServices" .) }}
+{{- $accounts = append $accounts (dict "component" (include "loupe.serviceComponent" $name) "serviceAccount" (index $.Values.services $name).serviceAccount) }}
+{{- end }}
+{{- if include "loupe.tritonRendered" . }}
+{{- $accounts = append $accounts (dict "component" "triton" "serviceAccount" .Values.triton.serviceAccount) }}
+{{- end }}
+{{- if .Values.indexJob.enabled }}
+{{- $accounts = append $accounts (dict "component" "index-job" "serviceAccount" .Values.indexJob.serviceAccount) }}
+{{- end }}
+{{- if .Values.tests.enabled }}
+{{- $accounts = append $accounts (dict "component" "test" "serviceAccount" (dict "create" true "name" "" "annotations" (dict))) }}
+{{- end }}
+{{- toYaml (dict "accounts" $accounts) }}
 {{- end }}
 
 {{/* "true" when the cluster serves the Prometheus Operator's API (its CRDs are installed). */}}
@@ -163,16 +197,6 @@ runId is a new Job (a Job's pod template cannot be changed in place).
 {{- $name = printf "%s-%s" $name . }}
 {{- end }}
 {{- $name }}
-{{- end }}
-
-{{/* The index Job's ServiceAccount: its own when indexJob.serviceAccount says so, else the release's. */}}
-{{- define "loupe.indexJobServiceAccountName" -}}
-{{- $sa := .Values.indexJob.serviceAccount }}
-{{- if $sa.create }}
-{{- default (include "loupe.componentName" (list . "index-job")) $sa.name }}
-{{- else }}
-{{- default (include "loupe.serviceAccountName" .) $sa.name }}
-{{- end }}
 {{- end }}
 
 {{- define "loupe.secretName" -}}

@@ -78,7 +78,7 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
     spec:
-      serviceAccountName: {{ include "loupe.serviceAccountName" $root }}
+      serviceAccountName: {{ include "loupe.serviceAccountName" (list $root $component $svc.serviceAccount) }}
       automountServiceAccountToken: {{ $root.Values.automountServiceAccountToken }}
       {{- with $root.Values.imagePullSecrets }}
       imagePullSecrets:
