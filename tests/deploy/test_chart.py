@@ -338,12 +338,90 @@ def test_disruption_budgets_cover_every_replicated_deployment(
         ]
         assert len(matches) == 1
         covered.update(matches)
-        # maxUnavailable never blocks a drain the way minAvailable: 1 does on one replica.
-        assert budget["spec"]["maxUnavailable"] == 1
+        if component(budget) == "triton":
+            # Two or more Triton pods: one of them always serves (see the next test).
+            assert budget["spec"] == {**budget["spec"], "minAvailable": 1}
+            assert "maxUnavailable" not in budget["spec"]
+        else:
+            # maxUnavailable never blocks a drain the way minAvailable: 1 does on one replica.
+            assert budget["spec"]["maxUnavailable"] == 1
+            assert "minAvailable" not in budget["spec"]
     if profile == "dev":
         assert not budgets
     else:
         assert covered == {d["metadata"]["name"] for d in workloads(docs)}
+
+
+def _fewest_replicas(docs: list[dict], name: str) -> int:
+    """The fewest replicas a Deployment runs: its HPA's minReplicas, or its replicas."""
+    hpas = [
+        h
+        for h in of_kind(docs, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == name
+    ]
+    if hpas:
+        return int(hpas[0]["spec"]["minReplicas"])
+    return int(named(docs, "Deployment", name)["spec"]["replicas"])
+
+
+@pytest.mark.parametrize("sets", [(), ("triton.autoscaling.enabled=false",)])
+def test_the_gpu_profile_never_runs_triton_alone(sets: tuple[str, ...]) -> None:
+    """Two Triton pods at least, on two different nodes, and a drain or an eviction never takes
+    the last one: a rollout, a node drain or a GPU fault leaves inference up."""
+    docs = render("gpu", *sets)
+    triton = name_of("triton")
+    assert _fewest_replicas(docs, triton) >= 2
+    budget = named(docs, "PodDisruptionBudget", triton)["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= (
+        named(docs, "Deployment", triton)["spec"]["template"]["metadata"]["labels"].items()
+    )
+    spec = pod_spec(named(docs, "Deployment", triton))
+    required_anti_affinity = [
+        term
+        for term in spec.get("affinity", {})
+        .get("podAntiAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        if term["topologyKey"] == "kubernetes.io/hostname"
+    ]
+    # Hard spread over nodes: with minDomains 2 the second pod never shares the first's node.
+    hard_spread = [
+        c
+        for c in spec.get("topologySpreadConstraints", [])
+        if c["topologyKey"] == "kubernetes.io/hostname"
+        and c["whenUnsatisfiable"] == "DoNotSchedule"
+        and c["maxSkew"] == 1
+        and c.get("minDomains", 1) >= 2
+    ]
+    assert required_anti_affinity or hard_spread, "Triton pods could share one node"
+    for constraint in hard_spread:
+        own = named(docs, "Deployment", triton)["spec"]["template"]["metadata"]["labels"]
+        assert constraint["labelSelector"]["matchLabels"].items() <= own.items()
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("triton.pdb.maxUnavailable=1",), "triton.pdb: set minAvailable or maxUnavailable"),
+        (
+            ("triton.autoscaling.minReplicas=1",),
+            "triton.pdb.minAvailable=1 with 1 replicas at the fewest",
+        ),
+        (
+            ("services.ranking.pdb.minAvailable=2",),
+            "services.ranking.pdb: set minAvailable or maxUnavailable, not both",
+        ),
+        (
+            ("services.ranking.pdb.minAvailable=2", "services.ranking.pdb.maxUnavailable=null"),
+            "services.ranking.pdb.minAvailable=2 with 2 replicas at the fewest",
+        ),
+    ],
+)
+def test_a_budget_that_would_block_every_drain_is_refused(
+    sets: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render("gpu", *sets)
 
 
 def test_rollouts_never_drop_capacity(profile: str, docs: list[dict]) -> None:
@@ -919,7 +997,7 @@ def test_dashboard_label_is_configurable() -> None:
     assert config_map["metadata"]["labels"]["team_dashboards"] == "yes"
 
 
-# ---- identity --------------------------------------------------------------------------------
+# ---- identity, start-up budgets --------------------------------------------------------------
 
 
 def _pods(docs: list[dict]) -> list[dict]:
@@ -985,6 +1063,58 @@ def test_one_service_account_name_for_two_created_accounts_is_refused() -> None:
             "triton.serviceAccount.name=x",
             "services.ranking.serviceAccount.name=x",
         )
+
+
+# The parts of a cold start on a GPU pool with no free node (chart README, "Start-up budgets").
+GPU_NODE_SECONDS = 600
+TRITON_PULL_SECONDS = 300
+MODELS_COPY_SECONDS = 60
+TRITON_LOAD_SECONDS = 600
+RETRY_AND_PROBE_SECONDS = 20
+
+
+def _startup(docs: list[dict], name: str) -> tuple[int, int]:
+    (container,) = pod_spec(named(docs, "Deployment", name_of(name)))["containers"]
+    probe = container["startupProbe"]
+    return int(probe["periodSeconds"]), int(probe["failureThreshold"])
+
+
+def _milvus_load_timeout(env: dict[str, str]) -> int:
+    """What retrieval waits for Milvus to load a catalogue: its env, else the code's default."""
+    source = (ROOT / "services" / "retrieval" / "settings.py").read_text()
+    match = re.search(r'"LOUPE_MILVUS_LOAD_TIMEOUT_SECONDS",\s*(\d+)', source)
+    assert match, "LOUPE_MILVUS_LOAD_TIMEOUT_SECONDS default not found"
+    return int(env.get("LOUPE_MILVUS_LOAD_TIMEOUT_SECONDS", match.group(1)))
+
+
+def test_start_up_budgets_cover_what_each_service_waits_for(profile: str, docs: list[dict]) -> None:
+    """Each startup probe outlasts what its container waits for, so the kubelet never restarts a
+    container that is only waiting; the README's arithmetic is the rendered one."""
+    readme = (CHART / "README.md").read_text()
+    budget = {}
+    for name in [*components(profile), *(["triton"] if profile == "gpu" else [])]:
+        period, threshold = _startup(docs, name)
+        budget[name] = period * threshold
+        assert f"{period} s × {threshold} = {budget[name]} s" in readme, name
+    for name in ("retrieval", WRITER):
+        if name in budget:
+            load = _milvus_load_timeout(_env(docs, name))
+            assert budget[name] >= load + _startup(docs, name)[0], name
+    waited = [b for b in components(profile) if b not in ("gateway", WRITER)]
+    assert budget["gateway"] >= max(budget[b] for b in waited) + _startup(docs, "gateway")[0]
+    if profile == "gpu":
+        # Triton's clock starts with its container: the model load, and half again.
+        assert budget["triton"] >= 1.5 * TRITON_LOAD_SECONDS
+        # Detection and embedding start at once and wait for everything Triton waits for.
+        cold = (
+            GPU_NODE_SECONDS
+            + TRITON_PULL_SECONDS
+            + MODELS_COPY_SECONDS
+            + TRITON_LOAD_SECONDS
+            + RETRY_AND_PROBE_SECONDS
+        )
+        for name in ("detection", "embedding"):
+            assert budget[name] >= cold, name
 
 
 # ---- values.yaml -----------------------------------------------------------------------------

@@ -166,6 +166,16 @@ Usage: (include "loupe.workloadServiceAccounts" . | fromYaml).accounts
 {{- toYaml (dict "accounts" $accounts) }}
 {{- end }}
 
+{{/*
+The startup probe fields of one service entry: its own startupProbe over probes.startup.
+Usage: include "loupe.startupProbe" (list $ "gateway") | fromYaml
+*/}}
+{{- define "loupe.startupProbe" -}}
+{{- $root := index . 0 }}
+{{- $svc := index $root.Values.services (index . 1) }}
+{{- toYaml (merge (dict) (deepCopy ($svc.startupProbe | default dict)) (deepCopy $root.Values.probes.startup)) }}
+{{- end }}
+
 {{/* "true" when the cluster serves the Prometheus Operator's API (its CRDs are installed). */}}
 {{- define "loupe.monitoringApi" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
@@ -408,6 +418,33 @@ Usage: include "loupe.topologySpread" (list $ "gateway" $constraints)
 {{- end }}
 {{- else if not .Values.milvus.uri }}
 {{- fail "milvus.uri is empty: give the Milvus server URI, or set milvus.embedded=true (development only)" }}
+{{- end }}
+{{- /*
+Disruption budgets: one of minAvailable and maxUnavailable, and a minAvailable count below the
+fewest replicas the workload runs, or a drain could never evict any of its pods.
+*/}}
+{{- $budgets := dict }}
+{{- range $name := splitList " " (include "loupe.renderedServices" .) }}
+{{- $_ := set $budgets (printf "services.%s" $name) (index $.Values.services $name) }}
+{{- end }}
+{{- if include "loupe.tritonRendered" . }}
+{{- $_ := set $budgets "triton" .Values.triton }}
+{{- end }}
+{{- range $path, $w := $budgets }}
+{{- $pdb := $w.pdb }}
+{{- if $pdb.enabled }}
+{{- $min := $pdb.minAvailable }}
+{{- if and (not (kindIs "invalid" $min)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
+{{- fail (printf "%s.pdb: set minAvailable or maxUnavailable, not both (set the other to null)" $path) }}
+{{- end }}
+{{- if and (kindIs "invalid" $min) (kindIs "invalid" $pdb.maxUnavailable) }}
+{{- fail (printf "%s.pdb: set minAvailable or maxUnavailable" $path) }}
+{{- end }}
+{{- $fewest := ternary $w.autoscaling.minReplicas $w.replicas (and $w.autoscaling.enabled true) }}
+{{- if and (not (kindIs "invalid" $min)) (not (kindIs "string" $min)) (ge (int $min) (int $fewest)) }}
+{{- fail (printf "%s.pdb.minAvailable=%v with %v replicas at the fewest: a node drain could never evict one of them; run more replicas or use maxUnavailable" $path $min $fewest) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.secrets.existingSecret (or .Values.secrets.redisPassword .Values.secrets.milvusToken) }}
 {{- fail "secrets.existingSecret is set: put the Redis password and Milvus token in that Secret, not in secrets.redisPassword / secrets.milvusToken" }}

@@ -143,7 +143,7 @@ spec:
           startupProbe:
             grpc:
               port: {{ $probePort }}
-            {{- toYaml $root.Values.probes.startup | nindent 12 }}
+            {{- include "loupe.startupProbe" (list $root $name) | nindent 12 }}
           readinessProbe:
             grpc:
               port: {{ $probePort }}
