@@ -774,6 +774,7 @@ def test_embedded_milvus_refuses_more_than_one_replica(sets: tuple[str, ...], me
     [
         (("inference.backend=cuda",), "expected onnxruntime or triton"),
         (("services.gatway.replicas=1",), "services.gatway: unknown service"),
+        (("redis.url=redis://:hunter2@redis:6379/0",), "redis.url holds a password"),
         (("modelRepository.source=pvc",), "needs modelRepository.pvc.claimName"),
         (("milvus.uri=",), "milvus.uri is empty"),
         (("secrets.existingSecret=x", "secrets.redisPassword=y"), "not in secrets.redisPassword"),
@@ -997,7 +998,7 @@ def test_dashboard_label_is_configurable() -> None:
     assert config_map["metadata"]["labels"]["team_dashboards"] == "yes"
 
 
-# ---- identity, start-up budgets --------------------------------------------------------------
+# ---- identity, reflection, start-up budgets --------------------------------------------------
 
 
 def _pods(docs: list[dict]) -> list[dict]:
@@ -1063,6 +1064,42 @@ def test_one_service_account_name_for_two_created_accounts_is_refused() -> None:
             "triton.serviceAccount.name=x",
             "services.ranking.serviceAccount.name=x",
         )
+
+
+def test_reflection_is_off_in_every_service(profile: str, docs: list[dict]) -> None:
+    for name in components(profile):
+        assert _env(docs, name)["LOUPE_GRPC_REFLECTION"] == "false", name
+
+
+def test_reflection_can_be_turned_on_to_debug() -> None:
+    docs = render("default", "grpcReflection=true")
+    assert {_env(docs, n)["LOUPE_GRPC_REFLECTION"] for n in components("default")} == {"true"}
+    # For one service only: its own env wins.
+    docs = render("default", "services.ranking.env.LOUPE_GRPC_REFLECTION=true")
+    for name in components("default"):
+        expected = "true" if name == "ranking" else "false"
+        assert _env(docs, name)["LOUPE_GRPC_REFLECTION"] == expected, name
+
+
+@pytest.mark.parametrize("production", ["default", "gpu"])
+def test_every_pod_that_uses_redis_gets_its_password_from_the_secret(production: str) -> None:
+    """Redis holds the search results the gateway serves: each workload with a Redis URL gets
+    LOUPE_REDIS_PASSWORD from the Secret's key, and no other gets it."""
+    for sets in [(), ("secrets.existingSecret=loupe-credentials",)]:
+        docs = render(production, *sets)
+        refs = _secret_refs_by_workload(docs)
+        secret = "loupe-credentials" if sets else RELEASE
+        users = set()
+        for doc in workloads(docs):
+            name = component(doc)
+            if name == "triton":
+                continue
+            if _env(docs, name).get("LOUPE_REDIS_URL"):
+                users.add(name)
+                assert refs[name]["LOUPE_REDIS_PASSWORD"] == (secret, "redis-password"), name
+            else:
+                assert "LOUPE_REDIS_PASSWORD" not in refs.get(name, {}), name
+        assert users == {"gateway", "retrieval", WRITER}
 
 
 # The parts of a cold start on a GPU pool with no free node (chart README, "Start-up budgets").

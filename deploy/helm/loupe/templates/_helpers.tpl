@@ -246,6 +246,8 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- $program := include "loupe.serviceProgram" . }}
 {{- $upper := upper $program }}
 {{- $env := dict }}
+{{- /* Off unless grpcReflection (or an env below) turns it on. */}}
+{{- $_ := set $env "LOUPE_GRPC_REFLECTION" (ternary "true" "false" (eq (toString $root.Values.grpcReflection) "true")) }}
 {{- if $root.Values.tls.enabled }}
 {{- /* The backends require a client certificate; the gateway's callers bring API keys. */}}
 {{- $_ := set $env "LOUPE_TLS_CLIENT_AUTH" (ternary "none" "require" (eq $program "gateway")) }}
@@ -445,6 +447,9 @@ fewest replicas the workload runs, or a drain could never evict any of its pods.
 {{- fail (printf "%s.pdb.minAvailable=%v with %v replicas at the fewest: a node drain could never evict one of them; run more replicas or use maxUnavailable" $path $min $fewest) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" (.Values.redis.url | toString) }}
+{{- fail "redis.url holds a password: remove it from the URL and give it as secrets.redisPassword, or in secrets.existingSecret (key secrets.redisPasswordKey)" }}
 {{- end }}
 {{- if and .Values.secrets.existingSecret (or .Values.secrets.redisPassword .Values.secrets.milvusToken) }}
 {{- fail "secrets.existingSecret is set: put the Redis password and Milvus token in that Secret, not in secrets.redisPassword / secrets.milvusToken" }}
