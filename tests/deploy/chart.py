@@ -75,6 +75,16 @@ def render(profile: str = "default", *sets: str, crds: bool = True) -> list[dict
     return list(_render(profile, tuple(sets), api_versions))
 
 
+def run_helm(command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`helm lint --strict` or `helm template` of the chart with these extra arguments (-f FILE,
+    --set ...), whatever its outcome."""
+    line = [str(helm()), command, *(["--strict"] if command == "lint" else [RELEASE])]
+    line += [str(CHART), "--namespace", NAMESPACE]
+    if command == "template":
+        line += ["--kube-version", KUBE_VERSION]
+    return subprocess.run([*line, *args], capture_output=True, text=True, timeout=120)
+
+
 def of_kind(docs: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in docs if doc["kind"] == kind]
 

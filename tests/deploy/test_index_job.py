@@ -105,11 +105,15 @@ def test_an_enabled_job_needs_a_manifest() -> None:
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (("indexJob.shards=0",), "expected 1 to 100000 shards"),
-        (("indexJob.shards=100001",), "expected 1 to 100000 shards"),
-        (("indexJob.parallelism=0",), "expected at least 1"),
-        (("indexJob.backoffLimitPerIndex=-1",), "indexJob.backoffLimitPerIndex=-1"),
-        (("indexJob.runId=Backfill_1",), "indexJob.runId"),
+        # values.schema.json, then the chart's own checks.
+        (("indexJob.shards=0",), "indexJob.shards: Must be greater than or equal to 1"),
+        (("indexJob.shards=100001",), "indexJob.shards: Must be less than or equal to 100000"),
+        (("indexJob.parallelism=0",), "indexJob.parallelism: Must be greater than or equal to 1"),
+        (
+            ("indexJob.backoffLimitPerIndex=-1",),
+            "indexJob.backoffLimitPerIndex: Must be greater than or equal to 0",
+        ),
+        (("indexJob.runId=Backfill_1",), "indexJob.runId: Does not match pattern"),
         (("indexJob.runId=" + "x" * 50,), "longer than 63 characters"),
     ],
 )

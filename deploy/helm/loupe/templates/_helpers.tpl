@@ -376,7 +376,11 @@ Usage: include "loupe.topologySpread" (list $ "gateway" $constraints)
 {{- end }}
 {{- end }}
 
-{{/* Refuse values that would render a broken or unsafe release, naming what to change. */}}
+{{/*
+Refuse values that would render a broken or unsafe release, naming what to change. Helm checks
+values.schema.json first (types, enums, ranges, unknown keys, the one retrieval writer); these
+are the checks a schema cannot express, and the writer's again, for a helm that skipped it.
+*/}}
 {{- define "loupe.validate" -}}
 {{- $known := splitList " " (include "loupe.serviceNames" .) }}
 {{- $programs := splitList " " (include "loupe.programNames" .) }}
