@@ -25,7 +25,7 @@ from loupe.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.common import vectors
 from services.common.catalogs import InvalidCatalog, resolve_catalog
 from services.common.items import InvalidItem, check_item_id, check_source_uri
-from services.retrieval import dba, metadata
+from services.retrieval import dba, metadata, watch
 from services.retrieval.filters import InvalidFilter, build_filter
 from services.retrieval.gate import CatalogGate
 from services.retrieval.invalidation import CacheInvalidator
@@ -134,6 +134,10 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.open)
+
+    async def watch_readiness(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        """Health follows Milvus, and a milvus-lite that dies or hangs is started again."""
+        await watch.watch_milvus(self.store, self.settings, report)
 
     async def close(self) -> None:
         await self.writes.close()

@@ -84,6 +84,12 @@ class RetrievalSettings:
     redis_url: str
     redis_password: str = field(repr=False)
     redis_timeout_seconds: float
+    # The watch on Milvus (watch.py): how often it looks, how long a probe may take, and how
+    # long a milvus-lite process that is stopped or does not answer is given before it is
+    # killed and started again (a dead one is restarted at once). 0 s: no watch.
+    milvus_watch_seconds: float = 0.5
+    milvus_probe_timeout_seconds: int = 5
+    milvus_lite_restart_seconds: float = 10.0
 
     @property
     def is_lite(self) -> bool:
@@ -166,6 +172,15 @@ class RetrievalSettings:
             redis_password=env_str("LOUPE_REDIS_PASSWORD", ""),
             redis_timeout_seconds=env_float(
                 "LOUPE_REDIS_TIMEOUT_SECONDS", 0.25, minimum=0.001, maximum=60.0
+            ),
+            milvus_watch_seconds=env_float(
+                "LOUPE_MILVUS_WATCH_SECONDS", 0.5, minimum=0.0, maximum=60.0
+            ),
+            milvus_probe_timeout_seconds=env_int(
+                "LOUPE_MILVUS_PROBE_TIMEOUT_SECONDS", 5, minimum=1, maximum=600
+            ),
+            milvus_lite_restart_seconds=env_float(
+                "LOUPE_MILVUS_LITE_RESTART_SECONDS", 10.0, minimum=0.0, maximum=3600.0
             ),
         )
 

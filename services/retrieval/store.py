@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -167,17 +168,33 @@ class MilvusStore:
         self._item_counts: dict[str, tuple[int, float]] = {}
         self._sidecar: SidecarVectors | None = None
         self._stores: dict[str, VectorStore] = {}
+        # Why Milvus cannot serve now (set by the watch, watch.py), '' while it can: calls
+        # then fail at once, naming Milvus, instead of each waiting out pymilvus's retries.
+        self._down = ""
+        # Counts reconnections: a call that began on an older connection and fails in some
+        # way of its own (its channel closed under it) is Milvus's failure all the same.
+        self._generation = 0
+        self._restart_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
         """Connect, and make sure the default catalogue exists and is loaded."""
         s = self.settings
-        if s.is_lite:
+        if s.is_lite and self._sidecar is None:
             Path(s.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
             self._stores[SIDECAR] = self._sidecar = SidecarVectors(sidecar_path(s.milvus_uri))
+        self._connect()
+        self.collection(DEFAULT_CATALOG, create=s.writes)
+        log.info(
+            "connected",
+            extra={"uri": s.milvus_uri, "catalogs": self.catalogs(), "code": s.candidate_code},
+        )
+
+    def _connect(self) -> None:
+        s = self.settings
         with self._errors("connect"):
-            self._client = MilvusClient(
+            client = MilvusClient(
                 uri=s.milvus_uri, token=s.milvus_token, db_name=s.db_name, timeout=s.timeout_seconds
             )
             connections.connect(
@@ -187,27 +204,117 @@ class MilvusStore:
                 db_name=s.db_name,
                 timeout=s.timeout_seconds,
             )
-        self.collection(DEFAULT_CATALOG, create=s.writes)
-        log.info(
-            "connected",
-            extra={"uri": s.milvus_uri, "catalogs": self.catalogs(), "code": s.candidate_code},
-        )
+        self._client = client
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         client, self._client = self._client, None
         self._open.clear()
-        for store in self._stores.values():
-            store.close()
         if client is None:
             return
-        connections.disconnect(self._alias)
-        client.close()
+        # Closing may fail on a connection whose server died; nothing is left to save.
+        try:
+            connections.remove_connection(self._alias)
+            client.close()
+        except Exception as error:
+            log.info("closing the Milvus connection failed", extra={"error": repr(error)})
         if self.settings.is_lite:
             # Stop milvus-lite's process now rather than at interpreter exit, so that a new
             # store on the same file (a restart) opens it afresh.
             from milvus_lite.server_manager import server_manager_instance
 
             server_manager_instance.release_server(self.settings.milvus_uri)
+
+    def close(self) -> None:
+        self._disconnect()
+        for store in self._stores.values():
+            store.close()
+
+    # -- health ------------------------------------------------------------------------------
+
+    def lite_process(self) -> subprocess.Popen[bytes] | None:
+        """milvus-lite's server process for this store's file: pymilvus starts it on connect,
+        and milvus_lite's server manager keeps it (private fields of milvus-lite 2.5, whose
+        version pyproject.toml pins)."""
+        if not self.settings.is_lite:
+            return None
+        from milvus_lite.server_manager import server_manager_instance
+
+        path = str(Path(self.settings.milvus_uri).absolute().resolve())
+        server = server_manager_instance._servers.get(path)
+        process = getattr(server, "_p", None)
+        return process if isinstance(process, subprocess.Popen) else None
+
+    def process_problem(self) -> str:
+        """Why milvus-lite's process cannot answer ('' if it runs, or Milvus is a server)."""
+        if not self.settings.is_lite or self._client is None:
+            return ""
+        process = self.lite_process()
+        if process is None:
+            return "milvus-lite's process is not running"
+        code = process.poll()
+        if code is not None:
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            return f"milvus-lite's process (pid {process.pid}) exited with {how}"
+        if _process_state(process.pid) in ("T", "t"):
+            return f"milvus-lite's process (pid {process.pid}) is stopped"
+        return ""
+
+    def probe(self, timeout_seconds: int) -> str:
+        """'' if Milvus answers a cheap call within the timeout; else why not. Not gated by
+        the down flag: this is how the watch finds out that Milvus is back."""
+        problem = self.process_problem()
+        if problem:
+            return problem
+        client = self._client
+        if client is None:
+            return "not connected"
+        try:
+            client.list_collections(timeout=timeout_seconds)
+        except Exception as error:
+            message = error.message if isinstance(error, MilvusException) else repr(error)
+            return f"no answer within {timeout_seconds}s ({message[:200]})"
+        return ""
+
+    @property
+    def down(self) -> str:
+        return self._down
+
+    def mark_down(self, reason: str) -> None:
+        self._down = reason or "not answering"
+
+    def mark_up(self) -> None:
+        self._down = ""
+
+    def restart_lite(self) -> None:
+        """Kill milvus-lite's process (dead, stopped or hung), start a new one on the same
+        file, and load the catalogues that were open. Every row it acknowledged is in its
+        file: milvus-lite commits a write before answering it (a kill -9 after 200 upserts
+        left all 200)."""
+        with self._restart_lock:
+            catalogs = [name[len(self.collection_name("")) :] for name in list(self._open)] or [
+                DEFAULT_CATALOG
+            ]
+            process = self.lite_process()
+            if process is not None and process.poll() is None:
+                # Now, rather than after the server manager's 2 s wait for it to stop.
+                process.kill()
+            self._generation += 1
+            self._disconnect()
+            self._connect()
+            self._down = ""
+            try:
+                for catalog in dict.fromkeys([DEFAULT_CATALOG, *catalogs]):
+                    try:
+                        self.collection(catalog, create=self.settings.writes)
+                    except CatalogNotFound:
+                        continue
+            except BaseException:
+                self._down = "milvus-lite restarted, but loading its catalogues failed"
+                raise
+            log.warning(
+                "milvus-lite restarted",
+                extra={"pid": getattr(self.lite_process(), "pid", None), "catalogs": catalogs},
+            )
 
     # -- catalogues --------------------------------------------------------------------------
 
@@ -828,16 +935,28 @@ class MilvusStore:
             )
 
     def _require(self) -> MilvusClient:
+        if self._down:
+            raise StoreUnavailable(f"Milvus at {self.settings.milvus_uri}: {self._down}")
         if self._client is None:
             raise StoreUnavailable(f"Milvus at {self.settings.milvus_uri}: not connected yet")
         return self._client
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
+        generation = self._generation
         try:
             yield
         except MILVUS_ERRORS as error:
             raise milvus_failure(self.settings, action, error) from None
+        except (ValueError, RuntimeError, AttributeError) as error:
+            # pymilvus on a channel closed under it by a restart ("Cannot invoke RPC on
+            # closed channel!"): Milvus's failure, not the caller's nor an internal one.
+            if generation == self._generation and not self._down:
+                raise
+            raise StoreUnavailable(
+                f"Milvus at {self.settings.milvus_uri}: {action} failed: the connection was "
+                f"closed while milvus-lite restarted ({error})"
+            ) from None
 
 
 def milvus_failure(
@@ -857,6 +976,16 @@ def milvus_failure(
         )
     detail = error.details() if isinstance(error, grpc.Call) else repr(error)
     return StoreUnavailable(f"{where}: {code.name if code else 'gRPC error'}: {detail}")
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of a process (R, S, D, T for stopped, Z...), '' if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name in parentheses may hold spaces: the state follows its last ')'.
+    return stat.rpartition(")")[2].split()[0] if ")" in stat else ""
 
 
 def _columns(opened: OpenCatalog, rows: list[Row]) -> list[list[Any]]:
