@@ -112,9 +112,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         say(f"nothing running for {Path(args.data_dir).resolve()}")
         return 1
-    for name, pid, health in rows:
-        print(f"{name:<10} pid {pid:<8} {health}")
-    return 0 if all(h in ("SERVING", "UP") for _, _, h in rows) else 1
+    print(f"{'PROCESS':<12} {'PID':>7}  {'STATE':<11} {'HEALTH':<12} {'RESTARTS':>8}  LAST EXIT")
+    for row in rows:
+        restarts = "-" if row.restarts is None else str(row.restarts)
+        print(
+            f"{row.name:<12} {row.pid:>7}  {row.state:<11} {row.health:<12} {restarts:>8}  "
+            f"{row.last_exit or '-'}"
+        )
+    return 0 if all(row.ok for row in rows) else 1
 
 
 def index_response_json(response: gateway_pb2.IndexResponse) -> dict[str, Any]:
@@ -622,9 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_data_dir(commands.add_parser("down", help="stop the embedded stack")).set_defaults(
         run=cmd_down
     )
-    with_data_dir(commands.add_parser("status", help="health of the local stack")).set_defaults(
-        run=cmd_status
-    )
+    with_data_dir(
+        commands.add_parser(
+            "status",
+            help="each process of the local stack: pid, state, health, restarts, last exit",
+        )
+    ).set_defaults(run=cmd_status)
 
     index = with_catalog(
         commands.add_parser("index", help="index image files and folders, or a manifest")
