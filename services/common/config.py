@@ -116,6 +116,10 @@ class ServerSettings:
     # A second, plaintext port that serves grpc.health only (0: none): Kubernetes' gRPC probes
     # speak no TLS, and health says nothing a caller could use.
     health_port: int = 0
+    # Connections are closed (GOAWAY, calls in flight finish) after about this long (0:
+    # never): a client then connects and resolves the name again, so replicas added since
+    # get their share of a long-lived client's calls.
+    max_connection_age_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, service: str) -> ServerSettings:
@@ -136,6 +140,9 @@ class ServerSettings:
             reflection=env_bool("LOUPE_GRPC_REFLECTION", True),
             tls=server_tls(),
             health_port=env_int("LOUPE_HEALTH_PORT", 0, minimum=0, maximum=65535),
+            max_connection_age_seconds=env_float(
+                "LOUPE_GRPC_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0.0, maximum=86400.0
+            ),
         )
 
 

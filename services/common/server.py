@@ -42,6 +42,13 @@ IN_FLIGHT = Gauge(
     "loupe_grpc_requests_in_flight", "gRPC requests being handled now.", ["service", "method"]
 )
 UP = Gauge("loupe_service_serving", "1 while the service reports SERVING.", ["service"])
+RETRIED = Counter(
+    "loupe_grpc_retried_requests_total",
+    "Calls that arrived as a client's retry of an earlier attempt that failed (gRPC's "
+    "grpc-previous-rpc-attempts header): the gateway's retries, counted where they landed.",
+    ["service", "method"],
+)
+RETRY_HEADER = "grpc-previous-rpc-attempts"
 
 
 class Service(Protocol):
@@ -76,6 +83,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        # grpcio tells a client nothing of its retries; the retried attempt says so here.
+        if any(key == RETRY_HEADER for key, _ in details.invocation_metadata or ()):
+            RETRIED.labels(self.service, details.method.rsplit("/", 1)[-1]).inc()
         known = self._handlers.get(details.method)
         if known is not None:
             return known
@@ -150,10 +160,17 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
+    if settings.max_connection_age_seconds > 0:
+        # gRPC spreads it by ±10% so that clients do not all reconnect at once; with no
+        # grace set, calls in flight (a catalogue's batch job) run to their end.
+        options.append(
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000))
+        )
+    return options
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TLSSettings) -> int:

@@ -1,4 +1,5 @@
-"""The gateway's view of the four backend services: stubs, deadlines and error mapping."""
+"""The gateway's view of the four backend services: stubs, deadlines, error mapping, and the
+client layer under faults (retries, load balancing, a breaker per backend: resilience.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from loupe.v1 import (
     retrieval_pb2_grpc,
 )
 from services.common.channels import open_channel
+from services.gateway.metrics import BACKEND_FAILURES
+from services.gateway.resilience import BreakerOpen, CircuitBreaker, channel_options
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -39,12 +42,15 @@ REMEMBER_SECONDS = 30.0
 
 
 class RequestError(Exception):
-    """Ends a request (or one item of a stream) with this status and message."""
+    """Ends a request (or one item of a stream) with this status and message. `backend` names
+    the backend that failed (did not answer, or its breaker is open), when that is the cause:
+    a search can then go on without it (degraded)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, backend: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.backend = backend
 
 
 class Backends:
@@ -52,6 +58,7 @@ class Backends:
         options = [
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 64 << 20),
+            *channel_options(settings),
         ]
         self.addresses = {
             "detection": settings.detection_address,
@@ -75,6 +82,15 @@ class Backends:
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self._channels["ranking"])
         self._timeout = settings.backend_timeout_seconds
         self._remembered_answers: dict[str, tuple[float, Any]] = {}
+        self.breakers = {
+            name: CircuitBreaker(
+                name,
+                settings.breaker_failures,
+                settings.breaker_open_seconds,
+                settings.breaker_half_open_calls,
+            )
+            for name in self.addresses
+        }
 
     async def call(
         self,
@@ -91,12 +107,40 @@ class Backends:
         LONG_CALL_SECONDS without one, not by the per-call backend timeout.
         """
         timeout = LONG_CALL_SECONDS if long else self._timeout
-        if context is not None and (remaining := context.time_remaining()) is not None:
-            timeout = min(timeout, max(remaining, 0.001))
+        callers_deadline = False
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining < timeout:
+            timeout, callers_deadline = max(remaining, 0.001), True
+        breaker = self.breakers[service]
         try:
-            return await method(request, timeout=timeout)
+            trial = breaker.admit()
+        except BreakerOpen as error:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{service} service at {self.addresses[service]}: {error}",
+                backend=service,
+            ) from None
+        try:
+            answer = await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             code = error.code()
+            # The caller's own deadline passing, or the caller going away, says nothing about
+            # the backend; the backend timeout passing does: it did not answer in time.
+            if code == grpc.StatusCode.CANCELLED or (
+                code == grpc.StatusCode.DEADLINE_EXCEEDED and callers_deadline
+            ):
+                breaker.released(trial)
+                raise RequestError(code, error.details() or code.name) from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                BACKEND_FAILURES.labels(service, code.name).inc()
+                breaker.failed(trial, f"{code.name}: {error.details()}")
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{service} service at {self.addresses[service]} failed: "
+                    f"{code.name}: {error.details()}",
+                    backend=service,
+                ) from None
+            breaker.succeeded(trial)  # it answered: the fault is the request's, or a bug
             if code in CALLER_CODES:
                 raise RequestError(code, error.details() or code.name) from None
             raise RequestError(
@@ -104,6 +148,11 @@ class Backends:
                 f"{service} service at {self.addresses[service]} failed: "
                 f"{code.name}: {error.details()}",
             ) from None
+        except BaseException:
+            breaker.released(trial)  # cancelled (the caller went away) or a bug of ours
+            raise
+        breaker.succeeded(trial)
+        return answer
 
     async def model_info(self, service: str, context: grpc.aio.ServicerContext | None) -> str:
         """'name/version' of the model behind detection or embedding. A rolled-out model

@@ -34,3 +34,32 @@ API_KEY_RELOADS = Counter(
     "Reads of a changed keys file, by outcome (error: the previous keys stay in force).",
     ["outcome"],
 )
+BREAKER_STATE = Gauge(
+    "loupe_gateway_backend_breaker_state",
+    "Each backend's circuit breaker: 0 closed (calls go through), 1 half-open (trial calls "
+    "only), 2 open (calls fail at once with UNAVAILABLE).",
+    ["backend"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "loupe_gateway_backend_breaker_transitions_total",
+    "Changes of a backend's circuit breaker, by the state it moved to.",
+    ["backend", "state"],
+)
+BREAKER_REJECTIONS = Counter(
+    "loupe_gateway_backend_breaker_rejections_total",
+    "Backend calls failed at once because the backend's circuit breaker was open or "
+    "half-open with its trial calls in flight.",
+    ["backend"],
+)
+BACKEND_FAILURES = Counter(
+    "loupe_gateway_backend_failures_total",
+    "Backend calls the backend did not answer once gRPC's retries were spent: UNAVAILABLE, or "
+    "DEADLINE_EXCEEDED at the gateway's own backend timeout. They count towards the breaker.",
+    ["backend", "code"],
+)
+DEGRADED_RESPONSES = Counter(
+    "loupe_gateway_degraded_responses_total",
+    "Searches answered without a failing backend (SearchResponse.degraded), by what was left "
+    "out: detection (no objects searched) or ranking (retrieval's order).",
+    ["reason"],
+)

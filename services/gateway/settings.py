@@ -8,6 +8,9 @@ from services.common.channels import TLSSettings
 from services.common.config import ConfigError, env_address, env_float, env_int, env_str
 
 AUTH_MODES = ("keys", "open")
+LB_POLICIES = ("round_robin", "pick_first")
+# gRPC refuses a retry policy of more than 5 attempts (it would cap it silently).
+MAX_RETRY_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,19 @@ class GatewaySettings:
     # LOUPE_TLS_*: how the gateway reaches the backends (its CA, and the certificate it
     # presents to them).
     tls: TLSSettings = field(default_factory=TLSSettings)
+    # The client layer (services/gateway/resilience.py): attempts per idempotent backend call
+    # on UNAVAILABLE (1 = no retries) and the bounds of gRPC's jittered exponential backoff.
+    retry_attempts: int = 3
+    retry_initial_backoff_seconds: float = 0.05
+    retry_max_backoff_seconds: float = 1.0
+    # round_robin spreads calls over every address a backend's name resolves to (a headless
+    # Service's pods); pick_first pins one connection.
+    lb_policy: str = "round_robin"
+    # Consecutive failed calls that open a backend's breaker (0: no breaker), how long it
+    # stays open, and the trial calls let through when it half-opens.
+    breaker_failures: int = 5
+    breaker_open_seconds: float = 5.0
+    breaker_half_open_calls: int = 1
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -91,6 +107,25 @@ class GatewaySettings:
                 "LOUPE_AUTH_RELOAD_SECONDS", 5.0, minimum=0.1, maximum=3600.0
             ),
             tls=TLSSettings.from_env(),
+            retry_attempts=env_int(
+                "LOUPE_GATEWAY_RETRY_ATTEMPTS", 3, minimum=1, maximum=MAX_RETRY_ATTEMPTS
+            ),
+            retry_initial_backoff_seconds=env_float(
+                "LOUPE_GATEWAY_RETRY_INITIAL_BACKOFF_SECONDS", 0.05, minimum=0.001, maximum=60.0
+            ),
+            retry_max_backoff_seconds=env_float(
+                "LOUPE_GATEWAY_RETRY_MAX_BACKOFF_SECONDS", 1.0, minimum=0.001, maximum=300.0
+            ),
+            lb_policy=env_str("LOUPE_GATEWAY_LB_POLICY", "round_robin", choices=LB_POLICIES),
+            breaker_failures=env_int(
+                "LOUPE_GATEWAY_BREAKER_FAILURES", 5, minimum=0, maximum=10_000
+            ),
+            breaker_open_seconds=env_float(
+                "LOUPE_GATEWAY_BREAKER_OPEN_SECONDS", 5.0, minimum=0.01, maximum=3600.0
+            ),
+            breaker_half_open_calls=env_int(
+                "LOUPE_GATEWAY_BREAKER_HALF_OPEN_CALLS", 1, minimum=1, maximum=1000
+            ),
         )
         if settings.auth == "keys" and not settings.api_keys_file:
             raise ConfigError(
@@ -98,6 +133,12 @@ class GatewaySettings:
                 "only: point it at a keys file (`loupe keys create NAME --role ROLE --keys-file "
                 "FILE` makes one; `loupe up` makes its own), or set LOUPE_AUTH=open to let "
                 "anyone who reaches the port search, index and drop catalogues"
+            )
+        if settings.retry_initial_backoff_seconds > settings.retry_max_backoff_seconds:
+            raise ConfigError(
+                "LOUPE_GATEWAY_RETRY_INITIAL_BACKOFF_SECONDS="
+                f"{settings.retry_initial_backoff_seconds} exceeds "
+                f"LOUPE_GATEWAY_RETRY_MAX_BACKOFF_SECONDS={settings.retry_max_backoff_seconds}"
             )
         if settings.default_top_k > settings.max_top_k:
             raise ConfigError(

@@ -13,8 +13,12 @@ from services.gateway.settings import GatewaySettings
 
 
 def run_with_backends(scenario):  # type: ignore[no-untyped-def]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOUPE_AUTH", "open")  # the keys file is no concern here
+        settings = GatewaySettings.from_env()
+
     async def wrapper() -> None:
-        backends = Backends(GatewaySettings.from_env())
+        backends = Backends(settings)
         try:
             await scenario(backends)
         finally:
