@@ -20,6 +20,8 @@ def hit_json(hit: common_pb2.Hit) -> dict[str, Any]:
 
 def search_json(query: str, response: gateway_pb2.SearchResponse, objects: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"query": query, "results": [hit_json(h) for h in response.results]}
+    if response.degraded:
+        entry["degraded"] = list(response.degraded_reasons) or True
     if objects:
         entry["objects"] = [
             {
@@ -45,11 +47,25 @@ def hit_lines(hits: list[common_pb2.Hit], indent: str = "  ") -> list[str]:
     return lines or [f"{indent}(no results)"]
 
 
+# What a degraded answer left out, as `loupe search` says it.
+DEGRADED_NOTES = {
+    "detection": "detection unavailable: no objects searched",
+    "ranking": "ranking unavailable: retrieval's order",
+}
+
+
+def degraded_note(response: gateway_pb2.SearchResponse) -> str:
+    reasons = [DEGRADED_NOTES.get(r, f"{r} unavailable") for r in response.degraded_reasons]
+    return f"  (degraded: {'; '.join(reasons) or 'a backend failed'})"
+
+
 def search_text(query: str, response: gateway_pb2.SearchResponse, objects: bool) -> str:
     cached = "  (cached)" if response.cached else ""
-    lines = [f"{query}{cached}", *hit_lines(list(response.results))]
+    degraded = degraded_note(response) if response.degraded else ""
+    lines = [f"{query}{cached}{degraded}", *hit_lines(list(response.results))]
     if objects:
-        if not response.objects:
+        # With detection down, the first line says why there are none.
+        if not response.objects and "detection" not in response.degraded_reasons:
             lines.append("  no objects detected")
         for o in response.objects:
             d = o.detection

@@ -4,7 +4,9 @@ Search, in order: resolve the query to vectors (an item's stored vectors, or the
 from the embedding cache or the embedding service, after detection when objects are asked
 for) -> candidates from retrieval's compact index (K' items) with their full-precision
 vectors -> ranking (query expansion, full-precision similarity and metadata signals, one hit
-per item) -> top_k. Whole results are cached by request, per catalogue.
+per item) -> top_k. Whole results are cached by request, per catalogue. A search goes on
+without detection (whole image only) or ranking (retrieval's order) when either fails, and
+says so (SearchResponse.degraded); such an answer is not cached.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import grpc
+import numpy as np
 
 from loupe.v1 import (
     common_pb2,
@@ -27,7 +30,7 @@ from loupe.v1 import (
     ranking_pb2,
     retrieval_pb2,
 )
-from services.common import cache_keys
+from services.common import cache_keys, vectors
 from services.gateway import auth
 from services.gateway.backends import Backends, RequestError
 from services.gateway.cache import Cache
@@ -35,6 +38,7 @@ from services.gateway.coalescing import Coalescer
 from services.gateway.metrics import (
     CACHE_HITS,
     CACHE_MISSES,
+    DEGRADED_RESPONSES,
     DUPLICATES,
     INDEX_FAILURES,
     ITEMS_INDEXED,
@@ -298,14 +302,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         image_hash = content_hash_of(request.image) if query == "image" else ""
 
         embedder = await self.backends.model_info("embedding", context)
+        # What the answer was made without: a backend that failed (did not answer, or its
+        # breaker is open) and that a search can do without. Detection: the whole image is
+        # still searched, and no objects; ranking: retrieval's order. Such an answer is
+        # flagged degraded and never cached, so the full answer follows once it is back.
+        degraded: set[str] = set()
         detector = NO_DETECTOR
         if request.objects and query == "image":
-            detector = await self.backends.model_info("detection", context)
+            try:
+                detector = await self.backends.model_info("detection", context)
+            except RequestError as error:
+                if error.backend != "detection":
+                    raise
+                degraded.add("detection")
 
         # The cache key is the request with the image replaced by its hash, plus the models,
         # under the current index generation.
         key = None
-        generation = await self.cache.generation(catalog)
+        generation = None if degraded else await self.cache.generation(catalog)
         if generation is not None:
             normalised = gateway_pb2.SearchRequest()
             normalised.CopyFrom(request)
@@ -328,7 +342,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         if query == "image":
             main_vector, object_queries = await self._image_query(
-                request, image_hash, embedder, detector, context
+                request, image_hash, embedder, detector, degraded, context
             )
             exclude: list[str] = []
             query_metadata = dict(request.context_metadata)
@@ -355,13 +369,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 exclude,
                 query_metadata,
                 whole,
+                degraded,
                 context,
                 same_bytes_first=image_hash if whole else "",
             )
         ]
         searches += [
             self._search_vector(
-                vector, top_k, request, catalog, exclude, query_metadata, False, context
+                vector,
+                top_k,
+                request,
+                catalog,
+                exclude,
+                query_metadata,
+                False,
+                degraded,
+                context,
             )
             for _, vector in object_queries
         ]
@@ -370,7 +393,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         for (detection, _), hits in zip(object_queries, results[1:], strict=True):
             response.objects.add(detection=detection, results=hits)
 
-        if key is not None:
+        if degraded:
+            response.degraded = True
+            response.degraded_reasons.extend(sorted(degraded))
+            for reason in degraded:
+                DEGRADED_RESPONSES.labels(reason).inc()
+        elif key is not None:
             await self.cache.set_search(key, response.SerializeToString())
         return response
 
@@ -380,22 +408,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         image_hash: str,
         embedder: str,
         detector: str,
+        degraded: set[str],
         context: grpc.aio.ServicerContext,
     ) -> tuple[common_pb2.Vector, list[tuple[common_pb2.Detection, common_pb2.Vector]]]:
-        """Vectors for an image query: the whole image or its crop, and detected objects."""
+        """Vectors for an image query: the whole image or its crop, and detected objects (none
+        when detection fails: the answer is then degraded)."""
         objects: list[tuple[common_pb2.Detection, common_pb2.Vector]] = []
         whole_vector = None
-        if not request.HasField("crop") or detector != NO_DETECTOR:
+        if detector != NO_DETECTOR:
+            try:
+                item, _ = await self._image_vectors(
+                    request.image,
+                    image_hash,
+                    embedder,
+                    detector,
+                    self.settings.max_query_objects,
+                    context,
+                )
+                whole_vector = item.objects[0].vector
+                objects = [(self._detection_of(o), o.vector) for o in item.objects[1:]]
+            except RequestError as error:
+                if error.backend != "detection":
+                    raise
+                degraded.add("detection")
+        if whole_vector is None and not request.HasField("crop"):
+            # Cached under no detector, as an Index without detection would be.
             item, _ = await self._image_vectors(
                 request.image,
                 image_hash,
                 embedder,
-                detector,
+                NO_DETECTOR,
                 self.settings.max_query_objects,
                 context,
             )
             whole_vector = item.objects[0].vector
-            objects = [(self._detection_of(o), o.vector) for o in item.objects[1:]]
         if not request.HasField("crop"):
             assert whole_vector is not None
             return whole_vector, objects
@@ -417,6 +463,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         exclude: list[str],
         query_metadata: dict[str, common_pb2.Value],
         whole_images_only: bool,
+        degraded: set[str],
         context: grpc.aio.ServicerContext,
         same_bytes_first: str = "",
     ) -> list[common_pb2.Hit]:
@@ -447,20 +494,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         if not found.candidates:
             return []
-        fields = await self.backends.ranking_fields(context)
-        with stage("rank"):
-            ranked = await self.backends.call(
-                "ranking",
-                self.backends.ranking.Rank,
-                ranking_pb2.RankRequest(
-                    query=vector,
-                    candidates=[_for_ranking(c, fields) for c in found.candidates],
-                    vectors=found.vectors,
-                    top_k=top_k,
-                    query_metadata=_only(query_metadata, fields),
-                ),
-                context,
-            )
+        try:
+            fields = await self.backends.ranking_fields(context)
+            with stage("rank"):
+                ranked = await self.backends.call(
+                    "ranking",
+                    self.backends.ranking.Rank,
+                    ranking_pb2.RankRequest(
+                        query=vector,
+                        candidates=[_for_ranking(c, fields) for c in found.candidates],
+                        vectors=found.vectors,
+                        top_k=top_k,
+                        query_metadata=_only(query_metadata, fields),
+                    ),
+                    context,
+                )
+        except RequestError as error:
+            if error.backend != "ranking":
+                raise
+            degraded.add("ranking")
+            ranked = _unranked(vector, found, top_k)
         # Ranking saw only what it needs: the rest of each hit comes from its candidate.
         by_row = {(c.item_id, c.object_index): c for c in found.candidates}
         hits = []
@@ -750,6 +803,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return common_pb2.Detection(
             box=stored.box, label=stored.label, score=stored.detection_score
         )
+
+
+def _unranked(
+    query: common_pb2.Vector, found: retrieval_pb2.RetrievalSearchResponse, top_k: int
+) -> ranking_pb2.RankResponse:
+    """What is answered while ranking is down: retrieval's candidates in its order (by
+    full-precision similarity, one row per item), the first top_k, each scored by that
+    cosine; no query expansion and no metadata signals."""
+    candidates = found.candidates[:top_k]
+    try:
+        matrix = vectors.unpack(found.vectors, len(found.candidates))[: len(candidates)]
+        scores = vectors.unit_rows(matrix) @ vectors.unit_rows(vectors.as_array(query)[None])[0]
+    except vectors.InvalidVectors:
+        scores = np.array([c.ann_score for c in candidates], dtype=np.float32)
+    return ranking_pb2.RankResponse(
+        hits=[
+            common_pb2.Hit(
+                item_id=c.item_id,
+                object_index=c.object_index,
+                score=float(score),
+                parts=common_pb2.ScoreParts(similarity=float(score)),
+            )
+            for c, score in zip(candidates, scores, strict=True)
+        ]
+    )
 
 
 def _only(

@@ -191,16 +191,20 @@ class ObjectResults(_message.Message):
     def __init__(self, detection: _Optional[_Union[_common_pb2.Detection, _Mapping]] = ..., results: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "objects", "cached", "model_version")
+    __slots__ = ("results", "objects", "cached", "model_version", "degraded", "degraded_reasons")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASONS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
     objects: _containers.RepeatedCompositeFieldContainer[ObjectResults]
     cached: bool
     model_version: str
-    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectResults, _Mapping]]] = ..., cached: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    degraded_reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectResults, _Mapping]]] = ..., cached: _Optional[bool] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Catalog(_message.Message):
     __slots__ = ("name", "items", "rows", "dimension", "index_type", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling", "indexed_rows")
