@@ -1,7 +1,8 @@
-"""The gateway's client layer under faults, against real gRPC servers on loopback: retries of
-idempotent calls only (counted on the server), a circuit breaker per backend, round_robin over
-two replica processes of ranking (each one's /metrics counts its share, and one is killed
-mid-traffic), and degraded searches with detection or ranking stopped.
+"""The client layer under faults, against real gRPC servers on loopback: the gateway's
+retries of idempotent calls only (counted on the server), its circuit breaker per backend,
+round_robin over two replica processes of ranking (each one's /metrics counts its share, and
+one is killed mid-traffic), degraded searches with detection or ranking stopped; and the model
+services' Triton client balancing and retrying over two stand-in Tritons.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from PIL import Image
 from prometheus_client import REGISTRY
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from loupe.v1 import (
     common_pb2,
@@ -46,6 +48,7 @@ from loupe.v1 import (
 from services.common import vectors
 from services.common.channels import TLSSettings, open_blocking_channel
 from services.common.server import MetricsInterceptor
+from services.common.triton_backend import triton_client
 from services.gateway.backends import Backends, RequestError
 from services.gateway.resilience import (
     CLOSED,
@@ -738,3 +741,44 @@ def test_the_cli_says_an_answer_is_degraded() -> None:
     assert "no objects detected" not in text
     assert json.loads(json.dumps(search_json("q.jpg", response, True)))["degraded"] == ["detection"]
     assert "degraded" not in search_json("q.jpg", gateway_pb2.SearchResponse(), False)
+
+
+# ---- the model services' Triton client -------------------------------------------------
+
+
+class Triton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Stands in for one Triton pod: counts liveness calls, and fails the first `failing`."""
+
+    def __init__(self, failing: int = 0) -> None:
+        self.calls = 0
+        self.failing = failing
+
+    async def ServerLive(
+        self, request: service_pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ServerLiveResponse:
+        self.calls += 1
+        if self.calls <= self.failing:
+            await context.abort(UNAVAILABLE, "restarting")
+        return service_pb2.ServerLiveResponse(live=True)
+
+
+def test_the_triton_client_balances_over_every_triton_and_retries_unavailable() -> None:
+    tritons = [Triton(failing=1), Triton(failing=1)]
+
+    async def scenario() -> list[bool]:
+        async with (
+            grpc_server(lambda s: service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                tritons[0], s), "triton-0") as first,
+            grpc_server(lambda s: service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                tritons[1], s), "triton-1") as second,
+        ):  # fmt: skip
+            client = triton_client(f"ipv4:127.0.0.1:{first},127.0.0.1:{second}", TLSSettings())
+            try:
+                return [await client.is_server_live(client_timeout=10) for _ in range(40)]
+            finally:
+                await client.close()
+
+    answers = asyncio.run(scenario())
+    assert all(answers)  # each Triton's first call failed, and was retried
+    calls = [t.calls for t in tritons]
+    assert sum(calls) == 40 + 2 and min(calls) >= 15, calls  # both got their share

@@ -24,6 +24,7 @@ from tritonclient.grpc import (
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from services.common import balancing
 from services.common.channels import TLSSettings
 from services.common.config import ConfigError
 from services.common.inference import (
@@ -35,14 +36,19 @@ from services.common.inference import (
 
 log = logging.getLogger(__name__)
 
-# gRPC's default reconnect backoff grows to two minutes: after an outage the service would
-# keep failing fast long after Triton is back. Cap it so calls recover within seconds.
-CHANNEL_ARGS: list[tuple[str, int]] = [
+# Every Triton pod behind LOUPE_TRITON_URL gets calls (round_robin: dns:/// a headless
+# Service's name, as the chart dials it), and a call that finds a pod gone is retried on
+# another: inference, readiness and metadata are all idempotent. The reconnect backoff is
+# capped (balancing.RECONNECT_OPTIONS): gRPC's default grows to two minutes, and the service
+# would keep failing fast long after Triton is back.
+CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    *balancing.channel_options(
+        balancing.service_config(
+            "round_robin", [("inference.GRPCInferenceService", None)], balancing.RetryPolicy()
+        )
+    ),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]

@@ -1,7 +1,8 @@
 """The gateway's client layer under faults: which backend calls are retried, how calls are
 spread over a backend's replicas, and a circuit breaker per backend.
 
-Retries and load balancing are gRPC's own, set by a service config on every backend channel:
+Retries and load balancing are gRPC's own, set by a service config on every backend channel
+(services/common/balancing.py):
 
 - `round_robin` over every address a backend's target resolves to (`dns:///` a headless
   Service's name returns every ready pod; `ipv4:a:p,b:q` lists them), so a new replica gets
@@ -30,11 +31,11 @@ how the call ended.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+from services.common import balancing
 from services.gateway.metrics import BREAKER_REJECTIONS, BREAKER_STATE, BREAKER_TRANSITIONS
 from services.gateway.settings import GatewaySettings
 
@@ -62,63 +63,28 @@ IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
     "loupe.v1.RankingService": ("Rank", "Describe"),
     "loupe.v1.RetrievalService": ("Search", "Lookup", "Stats", "ListCatalogs"),
 }
-# Tokens of gRPC's retry throttling per backend: each failed attempt takes one, each success
-# gives back 0.1, and retries stop while fewer than half are left. 100 lets every call in
-# flight on a replica that dies be retried; a whole backend down stops retrying after about
-# 50 failures (and its breaker has opened long before).
-RETRY_TOKENS = 100
-RETRY_TOKEN_RATIO = 0.1
-# gRPC keeps a request for its retries only up to this size, else it commits the call at
-# once and never retries it: the default (256 KiB) is smaller than an image or the vectors
-# of a ranking call.
-RETRY_BUFFER_BYTES = 64 << 20
-# gRPC's reconnect backoff grows to two minutes by default: a backend that restarts would
-# get no calls for that long after it is back. Capped, a restarted replica is called again
-# within seconds.
-RECONNECT_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
-
-
-def _seconds(value: float) -> str:
-    """A protobuf Duration in JSON, as a service config wants it."""
-    return f"{value:.3f}s"
 
 
 def service_config(settings: GatewaySettings) -> dict[str, Any]:
     """The service config of every backend channel: load balancing and retries."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{settings.lb_policy: {}}]}
-    if settings.retry_attempts > 1:
-        config["methodConfig"] = [
-            {
-                "name": [
-                    {"service": service, "method": method}
-                    for service, methods in IDEMPOTENT_METHODS.items()
-                    for method in methods
-                ],
-                "retryPolicy": {
-                    "maxAttempts": settings.retry_attempts,
-                    "initialBackoff": _seconds(settings.retry_initial_backoff_seconds),
-                    "maxBackoff": _seconds(settings.retry_max_backoff_seconds),
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-        config["retryThrottling"] = {"maxTokens": RETRY_TOKENS, "tokenRatio": RETRY_TOKEN_RATIO}
-    return config
+    return balancing.service_config(
+        settings.lb_policy,
+        [
+            (service, method)
+            for service, methods in IDEMPOTENT_METHODS.items()
+            for method in methods
+        ],
+        balancing.RetryPolicy(
+            settings.retry_attempts,
+            settings.retry_initial_backoff_seconds,
+            settings.retry_max_backoff_seconds,
+        ),
+    )
 
 
 def channel_options(settings: GatewaySettings) -> list[tuple[str, Any]]:
     """gRPC channel options of a backend channel, beside message sizes and TLS."""
-    return [
-        ("grpc.service_config", json.dumps(service_config(settings))),
-        ("grpc.enable_retries", 1),
-        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
-        *RECONNECT_OPTIONS,
-    ]
+    return balancing.channel_options(service_config(settings))
 
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
