@@ -222,7 +222,7 @@ runId is a new Job (a Job's pod template cannot be changed in place).
 {{- if .Values.triton.externalUrl }}
 {{- .Values.triton.externalUrl }}
 {{- else }}
-{{- printf "%s:%v" (include "loupe.componentName" (list . "triton")) .Values.triton.grpcPort }}
+{{- include "loupe.dialledAddress" (list . "triton" .Values.triton.grpcPort) }}
 {{- end }}
 {{- end }}
 
@@ -255,7 +255,7 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- if eq $program "gateway" }}
 {{- range $backend := list "detection" "embedding" "retrieval" "ranking" }}
 {{- $port := (index $root.Values.services $backend).service.port }}
-{{- $_ := set $env (printf "LOUPE_%s_ADDR" (upper $backend)) (printf "%s:%v" (include "loupe.componentName" (list $root $backend)) $port) }}
+{{- $_ := set $env (printf "LOUPE_%s_ADDR" (upper $backend)) (include "loupe.dialledAddress" (list $root $backend $port)) }}
 {{- end }}
 {{- /* Reads go to the readers (LOUPE_RETRIEVAL_ADDR), writes to the one writer. */}}
 {{- $_ := set $env "LOUPE_RETRIEVAL_WRITER_ADDR" (include "loupe.retrievalWriterAddress" $root) }}

@@ -89,6 +89,8 @@ LOUPE_HEALTH_PORT: {{ .Values.tls.healthPort | toString | quote }}
 {{- if eq (index . 1) "gateway" }}
 {{- $names = concat $names $root.Values.tls.certManager.gatewayDnsNames }}
 {{- end }}
+{{- /* The headless Service its callers balance over (_balancing.tpl). */}}
+{{- $names = concat $names (include "loupe.headlessDnsNames" . | fromYamlArray) }}
 {{- toYaml $names }}
 {{- end }}
 
