@@ -672,7 +672,8 @@ def row(p: Point) -> str:
 
 
 def plot(results: list[dict[str, Any]], target: Path) -> None:
-    """Three PNGs: ingest rate, search latency, bytes per item, against catalogue size."""
+    """Four PNGs: ingest rate, search latency, candidate recall, bytes per item, against
+    catalogue size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -711,6 +712,10 @@ def plot(results: list[dict[str, Any]], target: Path) -> None:
         (": item p50", lambda r: r["search"]["item_c1"]["p50_ms"]),
         (": image p50", lambda r: r["search"]["image_c1"]["p50_ms"]),
         (": item p95", lambda r: r["search"]["item_c1"]["p95_ms"]),
+    ])  # fmt: skip
+    chart("scale-recall.png", "candidate recall@10 (K' = 100)", [
+        (": Corel vectors", lambda r: r["recall"]["corel"]),
+        (": synthetic", lambda r: r["recall"]["synthetic"]),
     ])  # fmt: skip
     chart("scale-bytes.png", "bytes per item", [
         (": disk", lambda r: r["disk_bytes_per_item"]),
