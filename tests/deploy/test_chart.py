@@ -49,6 +49,19 @@ def name_of(component_name: str) -> str:
     return f"{PREFIX}-{component_name}"
 
 
+def balanced(component_name: str, port: int) -> str:
+    """The target a caller dials for a workload it balances over (clientLoadBalancing): the
+    headless Service beside the workload's Service."""
+    return f"dns:///{name_of(component_name)}-headless.{NAMESPACE}.svc.cluster.local:{port}"
+
+
+def dialled_service(target: str) -> tuple[str, int]:
+    """The Service a gRPC target names, and the port: host:port, or a headless Service's fully
+    qualified name (its callers balance over its pods)."""
+    host, port = target.removeprefix("dns:///").rsplit(":", 1)
+    return host.split(".")[0], int(port)
+
+
 def components(profile: str) -> tuple[str, ...]:
     """The Loupe workloads a profile renders (Triton aside)."""
     return SERVICES if profile == "dev" else (*SERVICES, WRITER)
@@ -470,9 +483,9 @@ def test_configuration_agrees_with_the_pod_spec(profile: str, docs: list[dict]) 
     addresses = {f"LOUPE_{backend.upper()}_ADDR": backend for backend in SERVICES[1:]}
     addresses["LOUPE_RETRIEVAL_WRITER_ADDR"] = "retrieval" if profile == "dev" else WRITER
     for variable, backend in addresses.items():
-        host, port = gateway[variable].rsplit(":", 1)
+        host, port = dialled_service(gateway[variable])
         service_ports = {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}
-        assert service_ports["grpc"] == int(port)
+        assert service_ports["grpc"] == port
         assert component(services[host]) == backend, variable
 
 
@@ -482,7 +495,7 @@ def test_model_services_call_the_release_triton() -> None:
     grpc_port = next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "grpc")
     for name in ("detection", "embedding"):
         env = _env(docs, name)
-        assert env["LOUPE_TRITON_URL"] == f"{name_of('triton')}:{grpc_port}"
+        assert env["LOUPE_TRITON_URL"] == balanced("triton", grpc_port)
         assert float(env["LOUPE_TRITON_TIMEOUT_SECONDS"]) > 0
     (container,) = pod_spec(named(docs, "Deployment", name_of("triton")))["containers"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -628,7 +641,7 @@ def test_retrieval_runs_readers_beside_one_writer(production: str) -> None:
     assert _env(docs, "retrieval")["LOUPE_RETRIEVAL_ROLE"] == "reader"
     assert _env(docs, WRITER)["LOUPE_RETRIEVAL_ROLE"] == "all"
     assert _env(docs, "gateway")["LOUPE_RETRIEVAL_WRITER_ADDR"] == f"{name_of(WRITER)}:50054"
-    assert _env(docs, "gateway")["LOUPE_RETRIEVAL_ADDR"] == f"{name_of('retrieval')}:50054"
+    assert _env(docs, "gateway")["LOUPE_RETRIEVAL_ADDR"] == balanced("retrieval", 50054)
 
 
 def _quantity(value: str | int | float) -> float:
@@ -761,7 +774,8 @@ def test_embedded_milvus_is_a_single_writer() -> None:
     assert env["LOUPE_RETRIEVAL_ROLE"] == "all"
     assert not [d for d in docs if component(d) == WRITER]
     gateway = _env(docs, "gateway")
-    assert gateway["LOUPE_RETRIEVAL_WRITER_ADDR"] == gateway["LOUPE_RETRIEVAL_ADDR"]
+    # Reads and writes reach the one pod (reads through its headless Service).
+    assert gateway["LOUPE_RETRIEVAL_ADDR"] == balanced("retrieval", 50054)
     assert gateway["LOUPE_RETRIEVAL_WRITER_ADDR"] == f"{name_of('retrieval')}:50054"
     volumes = {v["name"]: v for v in pod_spec(retrieval)["volumes"]}
     claim = volumes["data"]["persistentVolumeClaim"]["claimName"]

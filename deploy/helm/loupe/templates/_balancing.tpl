@@ -74,6 +74,7 @@ metadata:
   labels:
     {{- include "loupe.labels" (list $root $component) | nindent 4 }}
 spec:
+  type: ClusterIP
   clusterIP: None
   publishNotReadyAddresses: false
   selector:
