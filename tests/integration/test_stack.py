@@ -513,6 +513,37 @@ def test_searches_go_on_when_redis_dies(stack: Stack, corel_indexed: dict) -> No
     assert after > before
 
 
+def test_with_detection_down_searches_answer_degraded(stack: Stack, corel_indexed: dict) -> None:
+    detection_pid = next(p["pid"] for p in stack.state()["processes"] if p["name"] == "detection")
+    os.kill(detection_pid, signal.SIGTERM)  # stopped on purpose: the supervisor leaves it so
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{detection_pid}").exists():
+        time.sleep(0.1)
+    stub = stack.stub()
+    before = metric_value(
+        stack.metrics("gateway"), "loupe_gateway_degraded_responses_total", reason="detection"
+    )
+    image = (COREL / "313.jpg").read_bytes()
+    reply = stub.Search(gateway_pb2.SearchRequest(image=image, objects=True), timeout=30)
+    assert reply.degraded and list(reply.degraded_reasons) == ["detection"]
+    assert not reply.objects and not reply.cached
+    # The whole-image results are those of a search that asks for no objects.
+    plain = stub.Search(gateway_pb2.SearchRequest(image=image), timeout=30)
+    assert not plain.degraded
+    assert [h.item_id for h in reply.results] == [h.item_id for h in plain.results]
+    answer = stack.loupe("search", str(COREL / "314.jpg"), "--objects")
+    assert "(degraded: detection unavailable: no objects searched)" in answer.stdout
+    after = metric_value(
+        stack.metrics("gateway"), "loupe_gateway_degraded_responses_total", reason="detection"
+    )
+    assert after - before == 2
+    # Indexing objects is no search: it fails rather than store less than was asked.
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Index(gateway_pb2.IndexRequest(item_id="no-detector", image=image, detect=True))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "detection service at" in (error.value.details() or "")
+
+
 def test_a_backend_outage_is_unavailable_and_names_the_backend(
     stack: Stack, corel_indexed: dict
 ) -> None:
