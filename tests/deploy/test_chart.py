@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -604,7 +605,11 @@ def test_a_service_env_wins_over_the_redis_timeout() -> None:
 # ---- retrieval: readers and one writer -------------------------------------------------------
 
 # An index Job, to check that its pods reach the gateway only.
-INDEX_JOB = ("indexJob.enabled=true", "indexJob.manifest=s3://bucket/manifest.parquet")
+INDEX_JOB = (
+    "indexJob.enabled=true",
+    "indexJob.manifest=s3://bucket/manifest.parquet",
+    "indexJob.apiKey.existingSecret=loupe-index-api-key",
+)
 
 
 @pytest.mark.parametrize("production", ["default", "gpu"])
@@ -1213,14 +1218,17 @@ def test_every_value_is_documented() -> None:
 
 
 def test_every_service_accepts_its_rendered_configuration(
-    profile: str, docs: list[dict], monkeypatch: pytest.MonkeyPatch
+    profile: str, docs: list[dict], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The services' own start-up validation, run on each ConfigMap: a knob the chart sets that
     a service would refuse (a wrong name, an index type the candidate code cannot use) fails
-    here, not in a crash-looping pod."""
+    here, not in a crash-looping pod. The gateway also loads its API keys as it does at
+    start-up, from a keys file in the pod's place (tests/deploy/test_chart_auth.py checks that
+    LOUPE_API_KEYS_FILE is where the Secret is mounted)."""
     from services.common.config import ServerSettings
     from services.detection.settings import DetectionSettings
     from services.embedding.settings import EmbeddingSettings
+    from services.gateway import api_keys, auth
     from services.gateway.settings import GatewaySettings
     from services.ranking.settings import RankingSettings
     from services.retrieval.settings import RetrievalSettings
@@ -1242,8 +1250,20 @@ def test_every_service_accepts_its_rendered_configuration(
                 env.setenv(variable, value)
             # The pod's model volume: here, the checkout's built repository.
             env.setenv("LOUPE_MODEL_REPOSITORY", str(ROOT / "models"))
+            if "LOUPE_API_KEYS_FILE" in os.environ:
+                # The pod's keys Secret: here, a file as `loupe keys create` writes it.
+                keys_file = tmp_path / Path(os.environ["LOUPE_API_KEYS_FILE"]).name
+                key = api_keys.ApiKey("index-job", "write", api_keys.hash_key(api_keys.new_key()))
+                api_keys.write(keys_file, [key])
+                env.setenv("LOUPE_API_KEYS_FILE", str(keys_file))
             settings = settings_of[program]()
             ServerSettings.from_env(program)
+            if isinstance(settings, GatewaySettings):
+                # Keys mode in every profile, and the keys file loads as at start-up.
+                assert settings.auth == "keys"
+                interceptor = auth.from_settings(settings)
+                assert interceptor is not None
+                assert set(interceptor.keys.by_digest) == {key.sha256}
             if isinstance(settings, RetrievalSettings):
                 roles[name] = settings.writes
     # Exactly one retrieval workload writes.

@@ -28,7 +28,12 @@ from tests.deploy.chart import (
 )
 
 MANIFEST = "s3://loupe-test/backfill/manifest.parquet"
-ENABLED = ("indexJob.enabled=true", f"indexJob.manifest={MANIFEST}")
+INDEX_KEY_SECRET = "loupe-index-api-key"
+ENABLED = (
+    "indexJob.enabled=true",
+    f"indexJob.manifest={MANIFEST}",
+    f"indexJob.apiKey.existingSecret={INDEX_KEY_SECRET}",
+)
 JOB = f"{RELEASE}-index-job"
 CI = "ci-index-job"  # deploy/helm/loupe/ci/index-job-values.yaml: every option set
 CI_VALUES = yaml.safe_load((CHART / "ci" / "index-job-values.yaml").read_text())["indexJob"]
@@ -260,7 +265,8 @@ def test_no_credentials_unless_asked() -> None:
     docs = render("default", *ENABLED)
     container = the_container(the_job(docs))
     assert "envFrom" not in container
-    assert [v["name"] for v in container["env"]] == ["JOB_COMPLETION_INDEX"]
+    # The API key only, which auth.mode keys (the default) requires.
+    assert [v["name"] for v in container["env"]] == ["JOB_COMPLETION_INDEX", "LOUPE_API_KEY"]
     # Its own ServiceAccount, as every workload of the chart, with nothing attached.
     (account,) = [d for d in of_kind(docs, "ServiceAccount") if component(d) == "index-job"]
     assert pod_spec(the_job(docs))["serviceAccountName"] == account["metadata"]["name"] == JOB

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.chart import CHART, PROFILES, RenderError, render, run_helm
+from tests.deploy.chart import CHART, PROFILES, RenderError, install_sets, render, run_helm
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 # The values files: the defaults, each profile and each CI case.
@@ -214,7 +214,8 @@ def test_helm_refuses_a_bad_values_file(
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_helm_lint_passes_every_profile(profile: str) -> None:
     files = [arg for f in PROFILES[profile] for arg in ("-f", str(CHART / f))]
-    result = run_helm("lint", *files)
+    sets = [arg for s in install_sets(profile) for arg in ("--set", s)]
+    result = run_helm("lint", *files, *sets)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -293,6 +293,12 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- $_ := set $env $key ($value | toString) }}
 {{- end }}
 {{- $_ := set $env "LOUPE_LISTEN_HOST" "0.0.0.0" }}
+{{- if eq $program "gateway" }}
+{{- /* Open mode from auth.mode only; the keys file where its Secret is mounted. */}}
+{{- range $key, $value := include "loupe.authEnv" $root | fromYaml }}
+{{- $_ := set $env $key $value }}
+{{- end }}
+{{- end }}
 {{- if $root.Values.tls.enabled }}
 {{- range $key, $value := include "loupe.tlsEnv" $root | fromYaml }}
 {{- $_ := set $env $key $value }}
@@ -484,6 +490,7 @@ fewest replicas the workload runs, or a drain could never evict any of its pods.
 {{- fail (printf "indexJob: the Job name %q is longer than 63 characters; shorten indexJob.runId (or fullnameOverride)" $name) }}
 {{- end }}
 {{- end }}
+{{- include "loupe.validateAuth" . }}
 {{- end }}
 
 {{/* The chart's own Secret (when no existingSecret is named). */}}

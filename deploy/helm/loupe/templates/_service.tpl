@@ -178,6 +178,9 @@ spec:
             {{- if $tls }}
             {{- include "loupe.tlsMount" $root | nindent 12 }}
             {{- end }}
+            {{- if and (eq $program "gateway") (include "loupe.authKeys" $root) }}
+            {{- include "loupe.apiKeysMount" $root | nindent 12 }}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -196,6 +199,9 @@ spec:
         {{- end }}
         {{- if $tls }}
         {{- include "loupe.tlsVolume" (list $root $name) | nindent 8 }}
+        {{- end }}
+        {{- if and (eq $program "gateway") (include "loupe.authKeys" $root) }}
+        {{- include "loupe.apiKeysVolume" $root | nindent 8 }}
         {{- end }}
 ---
 apiVersion: v1
