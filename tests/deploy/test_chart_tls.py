@@ -29,6 +29,10 @@ from tests.deploy.chart import (
 TLS_CASE = CHART / "ci" / "tls-values.yaml"
 LOUPE_SERVICES = ("gateway", "detection", "embedding", "retrieval", "retrieval-writer", "ranking")
 MOUNT = "/etc/loupe/tls"
+# cert-manager's API: the chart renders its Certificates only for a cluster that serves it.
+CERT_MANAGER_API = "cert-manager.io/v1"
+WORKLOAD_NAMES = ("gateway", "detection", "embedding", "retrieval", "retrievalWriter", "ranking",
+                  "triton")  # fmt: skip
 
 
 def run_helm(command: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -37,9 +41,18 @@ def run_helm(command: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(line, capture_output=True, text=True, timeout=120)
 
 
+def existing_secrets() -> list[str]:
+    """--set assignments that take each workload's certificate from a Secret of its own."""
+    sets = ["tls.source=existingSecrets"]
+    return sets + [f"tls.existingSecrets.{n}=mine-{n.lower()}" for n in WORKLOAD_NAMES]
+
+
 @functools.cache
-def _tls_docs(*sets: str) -> tuple[dict[str, Any], ...]:
+def _tls_docs(*sets: str, cert_manager: bool = True) -> tuple[dict[str, Any], ...]:
+    """The TLS case rendered for a cluster with cert-manager (cert_manager=False: without)."""
     args = ["--kube-version", KUBE_VERSION]
+    if cert_manager:
+        args += ["--api-versions", CERT_MANAGER_API]
     for assignment in sets:
         args += ["--set", assignment]
     result = run_helm("template", *args)
@@ -48,8 +61,8 @@ def _tls_docs(*sets: str) -> tuple[dict[str, Any], ...]:
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
-def tls_docs(*sets: str) -> list[dict[str, Any]]:
-    return list(_tls_docs(*sets))
+def tls_docs(*sets: str, cert_manager: bool = True) -> list[dict[str, Any]]:
+    return list(_tls_docs(*sets, cert_manager=cert_manager))
 
 
 def workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -82,8 +95,27 @@ def test_tls_is_off_by_default() -> None:
 
 
 def test_the_tls_case_lints() -> None:
-    result = run_helm("lint")
+    """helm lint knows no cluster (and takes no --api-versions): the case is linted with its
+    certificates from Secrets, as tools/check_helm.sh does; its Certificates are rendered by
+    the other tests."""
+    result = run_helm("lint", *(arg for s in existing_secrets() for arg in ("--set", s)))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_certificates_are_refused_where_cert_manager_is_not_served() -> None:
+    """Certificates the API server cannot take would fail the install half-way: the chart
+    refuses to render them, and says what to do."""
+    with pytest.raises(RenderError) as refused:
+        tls_docs(cert_manager=False)
+    message = str(refused.value)
+    assert "does not serve cert-manager.io/v1" in message
+    assert "tls.source=existingSecrets" in message
+    assert "--api-versions cert-manager.io/v1" in message
+    # Secrets of your own need no cert-manager.
+    docs = tls_docs(*existing_secrets(), cert_manager=False)
+    assert not of_kind(docs, "Certificate")
+    # Without TLS, nothing asks for it.
+    assert not of_kind(render("default", crds=False), "Certificate")
 
 
 @pytest.mark.parametrize("name", LOUPE_SERVICES)
@@ -186,14 +218,10 @@ def test_redis_over_tls_passes_through_with_the_password_from_the_secret() -> No
 
 
 def test_existing_secrets_replace_the_certificates() -> None:
-    workload_names = ("gateway", "detection", "embedding", "retrieval", "retrievalWriter",
-                      "ranking", "triton")  # fmt: skip
-    sets = ["tls.source=existingSecrets"]
-    sets += [f"tls.existingSecrets.{n}=mine-{n.lower()}" for n in workload_names]
-    docs = tls_docs(*sets)
+    docs = tls_docs(*existing_secrets())
     assert not of_kind(docs, "Certificate")
     found = workloads(docs)
-    for name in workload_names:
+    for name in WORKLOAD_NAMES:
         component_name = "retrieval-writer" if name == "retrievalWriter" else name
         assert tls_volume(pod_spec(found[component_name]))["secretName"] == f"mine-{name.lower()}"
     assert tls_volume(pod_spec(found["index-job"]), "tls-ca")["secretName"] == "mine-gateway"

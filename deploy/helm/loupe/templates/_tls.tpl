@@ -119,6 +119,10 @@ helm that skipped it.
 {{- if not .Values.tls.certManager.issuerRef.name }}
 {{- fail "tls.source=certManager needs tls.certManager.issuerRef.name: the cert-manager Issuer (or ClusterIssuer, with tls.certManager.issuerRef.kind) that signs every workload's certificate" }}
 {{- end }}
+{{- /* Certificates the API server cannot take would fail the install half-way (or never be issued). */}}
+{{- if not (.Capabilities.APIVersions.Has "cert-manager.io/v1") }}
+{{- fail "tls.source=certManager: this cluster does not serve cert-manager.io/v1 (cert-manager and its CRDs are not installed), so the chart's Certificates cannot be applied and no workload would get its certificate. Install cert-manager first, or set tls.source=existingSecrets with Secrets of your own (tls.existingSecrets). helm template knows no cluster: pass --api-versions cert-manager.io/v1 there" }}
+{{- end }}
 {{- else }}
 {{- range $name := splitList " " (include "loupe.tlsWorkloads" .) }}
 {{- if not (index $.Values.tls.existingSecrets $name) }}
