@@ -20,6 +20,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,9 @@ MIN_OVERSAMPLING = 4
 # How long a catalogue's item count (which sizes the oversampling) is reused.
 ITEM_COUNT_SECONDS = 30.0
 
+
+# How often a probe of Milvus (MilvusStore.probe) looks at milvus-lite's process meanwhile.
+PROBE_SLICE_SECONDS = 0.1
 
 # Everything pymilvus raises when Milvus fails.
 MILVUS_ERRORS = (MilvusException, grpc.RpcError)
@@ -175,6 +180,8 @@ class MilvusStore:
         # way of its own (its channel closed under it) is Milvus's failure all the same.
         self._generation = 0
         self._restart_lock = threading.Lock()
+        self._prober = ThreadPoolExecutor(1, thread_name_prefix="milvus-probe")
+        self._probing: Future[Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -225,6 +232,7 @@ class MilvusStore:
             server_manager_instance.release_server(self.settings.milvus_uri)
 
     def close(self) -> None:
+        self._prober.shutdown(wait=False)
         self._disconnect()
         for store in self._stores.values():
             store.close()
@@ -261,19 +269,36 @@ class MilvusStore:
 
     def probe(self, timeout_seconds: int) -> str:
         """'' if Milvus answers a cheap call within the timeout; else why not. Not gated by
-        the down flag: this is how the watch finds out that Milvus is back."""
+        the down flag: this is how the watch finds out that Milvus is back.
+
+        The call runs in a thread of its own while the process is looked at every
+        PROBE_SLICE_SECONDS: a milvus-lite killed during the call is reported at once, not
+        after pymilvus has retried its dead socket for the whole timeout."""
         problem = self.process_problem()
         if problem:
             return problem
         client = self._client
         if client is None:
             return "not connected"
-        try:
-            client.list_collections(timeout=timeout_seconds)
-        except Exception as error:
-            message = error.message if isinstance(error, MilvusException) else repr(error)
-            return f"no answer within {timeout_seconds}s ({message[:200]})"
-        return ""
+        if self._probing is None or self._probing.done():
+            # A call still stuck from an earlier probe is waited on, not joined by another.
+            self._probing = self._prober.submit(client.list_collections, timeout=timeout_seconds)
+        probing = self._probing
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                probing.result(timeout=PROBE_SLICE_SECONDS)
+                return ""
+            except FutureTimeout:
+                problem = self.process_problem()
+                if problem:
+                    return problem
+                if time.monotonic() > deadline:
+                    return f"no answer within {timeout_seconds}s"
+            except Exception as error:
+                message = error.message if isinstance(error, MilvusException) else repr(error)
+                problem = self.process_problem()
+                return problem or f"no answer within {timeout_seconds}s ({message[:200]})"
 
     @property
     def down(self) -> str:
