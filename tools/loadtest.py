@@ -500,7 +500,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             say(f"fault: {fault.name}")
             with contextlib.suppress(Exception):
                 sample_rss()
-            inject(own, load, fault, args, t0)
+            try:
+                inject(own, load, fault, args, t0)
+            except Exception as error:
+                # Reported with the fault (not recovered), and the run goes on.
+                fault.note = f"{type(error).__name__}: {str(error)[-500:]}"
             say(
                 f"  {fault.name}: "
                 + (

@@ -349,7 +349,7 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
         say(f"repairing: no supervisor; a new one keeps {', '.join(running)} and starts the rest")
     supervisor = _start_supervisor(data_dir, launch)
     started = time.monotonic()
-    state = _wait_ready(data_dir, supervisor, timeout, say, fresh=not running)
+    state = _wait_ready(data_dir, supervisor.pid, timeout, say, fresh=not running, child=supervisor)
     say(f"Loupe is up in {time.monotonic() - started:.1f}s: gateway {state.gateway}, "
         f"data {data_dir}, logs {data_dir / 'logs'}")  # fmt: skip
     for line in launch.notes:
@@ -479,7 +479,7 @@ def _launch(data_dir: Path, existing: StackState | None, running: set[str]) -> L
     return Launch(plan, env, notes)
 
 
-def _start_supervisor(data_dir: Path, launch: Launch) -> int:
+def _start_supervisor(data_dir: Path, launch: Launch) -> subprocess.Popen[bytes]:
     launch.plan.save()
     log_file = open(data_dir / "logs" / "supervisor.log", "ab")  # noqa: SIM115 (it keeps it)
     with log_file:
@@ -488,7 +488,7 @@ def _start_supervisor(data_dir: Path, launch: Launch) -> int:
             env=launch.env, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    return supervisor.pid
+    return supervisor
 
 
 def _ready(process: Process, state: StackState, redis_password: str) -> bool:
@@ -500,19 +500,29 @@ def _ready(process: Process, state: StackState, redis_password: str) -> bool:
 
 
 def _wait_ready(
-    data_dir: Path, supervisor: int, timeout: float, say: Callable[[str], None], *, fresh: bool
+    data_dir: Path,
+    supervisor: int,
+    timeout: float,
+    say: Callable[[str], None],
+    *,
+    fresh: bool,
+    child: subprocess.Popen[bytes] | None = None,
 ) -> StackState:
     """Wait until every process runs and serves. On a fresh start, a process that exits is
     an error at once (with its log), and everything is stopped again; on a repair, only a
-    process the supervisor gave up on is."""
+    process the supervisor gave up on is. `child`: the supervisor, when this process started
+    it (until it has exec'd, its command line is still this one's)."""
     logs_dir = data_dir / "logs"
     started = time.monotonic()
     last_said = ""
     redis_password = local_tls.redis_password(data_dir)
     while True:
         state = StackState.load(data_dir)
-        if not alive(supervisor, SUPERVISOR_MARKER):
+        running = child.poll() is None if child else alive(supervisor, SUPERVISOR_MARKER)
+        if not running:
             tail = _log_tail(logs_dir / "supervisor.log")
+            if fresh:
+                down(data_dir, lambda _: None)
             raise StackError(f"the supervisor (pid {supervisor}) exited:\n{tail}")
         pending = ["the supervisor"]
         if state is not None and state.supervisor == supervisor:
