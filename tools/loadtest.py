@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -415,7 +416,10 @@ def missing_from_milvus(data_dir: Path, item_ids: list[str]) -> list[str]:
     """Items with no whole-image row in the stack's milvus-lite file, read directly once the
     stack is down: Get answers from retrieval's sidecar, so this is what shows a row that
     Milvus lost behind the sidecar's back (it would be found, but never searched)."""
-    from milvus_lite.server_manager import server_manager_instance
+    with warnings.catch_warnings():
+        # milvus-lite 2.5 imports pkg_resources, deprecated; nothing to act on here.
+        warnings.simplefilter("ignore", UserWarning)
+        from milvus_lite.server_manager import server_manager_instance
     from pymilvus import MilvusClient
 
     from services.retrieval.store import row_key
@@ -451,6 +455,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = Load(own, args, tally)
     rss_max: dict[str, int] = {}
     rss_last: dict[str, int] = {}
+    # The first sample after the load began: growth over a soak is last - first.
+    rss_first: dict[str, int] = {}
     t0 = time.monotonic()
     deadline = t0 + args.duration
     workers = [
@@ -462,6 +468,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def sample_rss() -> None:
         for name, value in own.rss().items():
+            rss_first.setdefault(name, value)
             rss_last[name] = value
             rss_max[name] = max(value, rss_max.get(name, 0))
 
@@ -570,7 +577,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "faults": [asdict(f) | {"name": f.name} for f in faults],
         "worst_recovery_s": worst,
         "rss_mib": {
-            name: {"last": round(rss_last.get(name, 0) / 2**20), "max": round(v / 2**20)}
+            name: {
+                "first": round(rss_first.get(name, 0) / 2**20),
+                "last": round(rss_last.get(name, 0) / 2**20),
+                "max": round(v / 2**20),
+            }
             for name, v in sorted(rss_max.items())
         },
         "verification": verified,
@@ -599,8 +610,10 @@ def report(result: dict[str, Any]) -> str:
             )
         lines.append(f"worst recovery: {result['worst_recovery_s']}s")
     lines.append(
-        "RSS MiB (last / max): "
-        + ", ".join(f"{n} {v['last']}/{v['max']}" for n, v in result["rss_mib"].items())
+        "RSS MiB (first / last / max): "
+        + ", ".join(
+            f"{n} {v['first']}/{v['last']}/{v['max']}" for n, v in result["rss_mib"].items()
+        )
     )
     v = result["verification"]
     lines.append(
