@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +41,10 @@ from services.common.channels import TLSSettings, open_blocking_channel
 from services.common.config import DEFAULT_PORTS, ConfigError, env_int, env_str
 from services.gateway import api_keys
 from services.gateway.settings import AUTH_MODES
+
+if TYPE_CHECKING:
+    # At run time imported where used: supervisor.py imports this module.
+    from services.cli.supervisor import Plan
 
 # Start order: the gateway waits for the others, so it comes last.
 SERVICES = ("detection", "embedding", "retrieval", "ranking", "gateway")
@@ -361,7 +365,7 @@ def up(data_dir: Path, timeout: float, say: Callable[[str], None]) -> StackState
 class Launch:
     """What a new supervisor runs, with what environment, and what to tell the user."""
 
-    plan: Any  # supervisor.Plan (imported late: supervisor.py imports this module)
+    plan: Plan
     env: dict[str, str]
     notes: list[str]
 
