@@ -688,12 +688,15 @@ def plot(results: list[dict[str, Any]], target: Path) -> None:
 
     def chart(name: str, ylabel: str, curves: list[tuple[str, Callable[[dict], float]]]) -> None:
         figure, axes = plt.subplots(figsize=(7, 4.2))
-        for label, points in series.items():
-            for suffix, value in curves:
+        # One colour per configuration and backend, one line style per measure.
+        for colour, (label, points) in enumerate(series.items()):
+            for style, (suffix, value) in zip(("-", "--", ":"), curves, strict=False):
                 axes.plot(
                     [r["items"] for r in points],
                     [value(r) for r in points],
                     marker="o",
+                    color=f"C{colour}",
+                    linestyle=style,
                     label=f"{label}{suffix}",
                 )
         axes.set_xscale("log")

@@ -57,7 +57,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = {"LOUPE_MILVUS_TIMEOUT_SECONDS": str(MILVUS_TIMEOUT_SECONDS)}
+    # No DBA refresh by itself: it rewrites rows, and a search meanwhile may miss one of them
+    # (README), which would make the searches here depend on timing.
+    settings = {
+        "LOUPE_MILVUS_TIMEOUT_SECONDS": str(MILVUS_TIMEOUT_SECONDS),
+        "LOUPE_DBA_REFRESH_SECONDS": "0",
+    }
     with running_stack(tmp_path_factory.mktemp("loupe-defects"), settings) as running:
         yield running
 

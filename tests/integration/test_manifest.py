@@ -48,8 +48,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 class QuietFiles(SimpleHTTPRequestHandler):
+    # Files under /slow/ take this long to start: a run over them lasts long enough to be
+    # interrupted however fast the machine indexes.
+    SLOW_SECONDS = 0.2
+
     def log_message(self, *args: Any) -> None:
         pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow/"):
+            time.sleep(self.SLOW_SECONDS)
+        super().do_GET()
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +232,22 @@ def test_an_interrupted_run_resumes_without_embedding_again(
 ) -> None:
     base_url, web_root = web
     ids = [f"resume-{i}" for i in range(300, 500)]
+    (web_root / "slow").mkdir()
     for i in range(300, 500):
-        shutil.copy(COREL / f"{i}.jpg", web_root / f"{i}.jpg")
+        shutil.copy(COREL / f"{i}.jpg", web_root / "slow" / f"{i}.jpg")
     path = write_manifest(
         tmp_path / "resume.csv",
         ["item_id", "uri"],
-        [[item_id, f"{base_url}/{i}.jpg"] for item_id, i in zip(ids, range(300, 500), strict=True)],
+        [
+            [item_id, f"{base_url}/slow/{i}.jpg"]
+            for item_id, i in zip(ids, range(300, 500), strict=True)
+        ],
     )
-    command = [LOUPE, "index", "--manifest", str(path), "--catalog", "resume", "--quiet"]
+    # 4 downloads at a time of 0.2 s each: the first run lasts 10 s or more.
+    command = [
+        *[LOUPE, "index", "--manifest", str(path), "--catalog", "resume", "--quiet"],
+        *["--download-concurrency", "4"],
+    ]
     first = subprocess.Popen(
         command, env=stack.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
