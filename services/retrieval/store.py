@@ -40,6 +40,7 @@ from services.retrieval.layout import ROW_FIELDS, SIDECAR, CatalogLayout, legacy
 from services.retrieval.settings import EXACT_INDEXES, MILVUS_MAX_TOPK, RetrievalSettings
 from services.retrieval.vector_store import (
     RAW,
+    SIDECAR_FIELDS,
     VECTOR,
     FieldVectors,
     SidecarVectors,
@@ -54,18 +55,7 @@ Row = dict[str, Any]
 # The ANN field: binary sign codes or the float vector (the catalogue's layout).
 CODE = "code"
 # Every scalar field: what lookups and searches return.
-FIELDS = [
-    "item_id",
-    "object_index",
-    "label",
-    "detection_score",
-    "box",
-    "metadata",
-    "content_hash",
-    "model_version",
-    "image_width",
-    "image_height",
-]
+FIELDS = [f for f in SIDECAR_FIELDS if f != "source_uri"]
 SOURCE_URI = "source_uri"
 # Upsert validation keeps items below this, so one query returns every row of an item.
 MAX_OBJECTS = 1000

@@ -40,8 +40,9 @@ from services.retrieval.layout import SIDECAR, CatalogLayout
 # The two vector fields of a FIELDS collection.
 VECTOR = "vector"
 RAW = "raw"
-# A row's fields beside its primary key (the sidecar's copy of them).
-ROW_FIELDS = [
+# A row's fields beside its primary key (the sidecar's copy of them, as a JSON list in this
+# order: never reorder). Lookups and searches return all but source_uri (store.FIELDS).
+SIDECAR_FIELDS = [
     "item_id",
     "object_index",
     "label",
@@ -251,7 +252,7 @@ class SidecarVectors:
                 row["item_id"],
                 row["content_hash"],
                 row["object_index"],
-                json.dumps([row.get(f, "") for f in ROW_FIELDS], separators=(",", ":")),
+                json.dumps([row.get(f, "") for f in SIDECAR_FIELDS], separators=(",", ":")),
             )
             for row in rows
         ]
@@ -323,7 +324,9 @@ class SidecarVectors:
                     chunk,
                 )
                 for pk, text in cursor:
-                    found.append({"pk": pk, **dict(zip(ROW_FIELDS, json.loads(text), strict=True))})
+                    found.append(
+                        {"pk": pk, **dict(zip(SIDECAR_FIELDS, json.loads(text), strict=True))}
+                    )
         return found
 
     def delete(self, collection: str, pks: Sequence[str]) -> None:
