@@ -4,8 +4,8 @@ A caller sends its key as gRPC metadata, `authorization: Bearer <key>` (or `x-ap
 <key>`). The key's SHA-256 is looked up in the keys file (api_keys.py), which is re-read when
 it changes, so keys are added, rotated and revoked without a restart. Each method needs a
 role: `read` (Search, Get, Detect, ListCatalogs), `write` (also Index, IndexStream, Delete) or
-`admin` (also DropCatalog, AugmentCatalog). Health and reflection stay open: probes and load
-balancers carry no key.
+`admin` (also DropCatalog, AugmentCatalog, MigrateCatalog, ListItems). Health and reflection
+stay open: probes and load balancers carry no key.
 
 Outcomes: UNAUTHENTICATED (no key, or one the file does not hold), PERMISSION_DENIED (the
 key's role is too low; the message names the role needed), RESOURCE_EXHAUSTED (over the key's
@@ -50,6 +50,8 @@ METHOD_ROLES: dict[str, str] = {
     "Delete": "write",
     "DropCatalog": "admin",
     "AugmentCatalog": "admin",
+    "MigrateCatalog": "admin",
+    "ListItems": "admin",
 }
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 NO_KEY_LABEL = "-"

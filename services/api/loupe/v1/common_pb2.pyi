@@ -145,11 +145,15 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_version", "dimension")
+    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "served")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     dimension: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ...) -> None: ...
+    preprocessing: str
+    served: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., served: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/embedding.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\"R\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0bwhole_image\x18\x02 \x01(\x08\x12\x1e\n\x07regions\x18\x03 \x03(\x0b\x32\r.loupe.v1.Box\"\xaf\x01\n\rEmbedResponse\x12%\n\x0bwhole_image\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Vector\x12!\n\x07regions\x18\x02 \x03(\x0b\x32\x10.loupe.v1.Vector\x12\x13\n\x0bimage_width\x18\x03 \x01(\x05\x12\x14\n\x0cimage_height\x18\x04 \x01(\x05\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t2\x88\x01\n\x10\x45mbeddingService\x12\x38\n\x05\x45mbed\x12\x16.loupe.v1.EmbedRequest\x1a\x17.loupe.v1.EmbedResponse\x12:\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x13.loupe.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/embedding.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\"a\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0bwhole_image\x18\x02 \x01(\x08\x12\x1e\n\x07regions\x18\x03 \x03(\x0b\x32\r.loupe.v1.Box\x12\r\n\x05model\x18\x04 \x01(\t\"\xaf\x01\n\rEmbedResponse\x12%\n\x0bwhole_image\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Vector\x12!\n\x07regions\x18\x02 \x03(\x0b\x32\x10.loupe.v1.Vector\x12\x13\n\x0bimage_width\x18\x03 \x01(\x05\x12\x14\n\x0cimage_height\x18\x04 \x01(\x05\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t2\x88\x01\n\x10\x45mbeddingService\x12\x38\n\x05\x45mbed\x12\x16.loupe.v1.EmbedRequest\x1a\x17.loupe.v1.EmbedResponse\x12:\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x13.loupe.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loupe.v1.embedding_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDREQUEST']._serialized_start=61
-  _globals['_EMBEDREQUEST']._serialized_end=143
-  _globals['_EMBEDRESPONSE']._serialized_start=146
-  _globals['_EMBEDRESPONSE']._serialized_end=321
-  _globals['_EMBEDDINGSERVICE']._serialized_start=324
-  _globals['_EMBEDDINGSERVICE']._serialized_end=460
+  _globals['_EMBEDREQUEST']._serialized_end=158
+  _globals['_EMBEDRESPONSE']._serialized_start=161
+  _globals['_EMBEDRESPONSE']._serialized_end=336
+  _globals['_EMBEDDINGSERVICE']._serialized_start=339
+  _globals['_EMBEDDINGSERVICE']._serialized_end=475
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("image", "whole_image", "regions")
+    __slots__ = ("image", "whole_image", "regions", "model")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WHOLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     whole_image: bool
     regions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Box]
-    def __init__(self, image: _Optional[bytes] = ..., whole_image: _Optional[bool] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Box, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, image: _Optional[bytes] = ..., whole_image: _Optional[bool] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Box, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("whole_image", "regions", "image_width", "image_height", "model_name", "model_version")

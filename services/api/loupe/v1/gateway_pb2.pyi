@@ -1,5 +1,6 @@
 from loupe.v1 import common_pb2 as _common_pb2
 from loupe.v1 import detection_pb2 as _detection_pb2
+from loupe.v1 import retrieval_pb2 as _retrieval_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -10,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IndexRequest(_message.Message):
-    __slots__ = ("item_id", "image", "metadata", "detect", "skip_duplicates", "catalog", "source_uri")
+    __slots__ = ("item_id", "image", "metadata", "detect", "skip_duplicates", "catalog", "source_uri", "keep_original", "model", "if_live_content_hash")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +26,9 @@ class IndexRequest(_message.Message):
     SKIP_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IF_LIVE_CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     image: bytes
     metadata: _containers.MessageMap[str, _common_pb2.Value]
@@ -32,7 +36,10 @@ class IndexRequest(_message.Message):
     skip_duplicates: bool
     catalog: str
     source_uri: str
-    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., detect: _Optional[bool] = ..., skip_duplicates: _Optional[bool] = ..., catalog: _Optional[str] = ..., source_uri: _Optional[str] = ...) -> None: ...
+    keep_original: bool
+    model: str
+    if_live_content_hash: str
+    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., detect: _Optional[bool] = ..., skip_duplicates: _Optional[bool] = ..., catalog: _Optional[str] = ..., source_uri: _Optional[str] = ..., keep_original: _Optional[bool] = ..., model: _Optional[str] = ..., if_live_content_hash: _Optional[str] = ...) -> None: ...
 
 class Duplicate(_message.Message):
     __slots__ = ("item_id", "kind", "similarity")
@@ -53,7 +60,7 @@ class Duplicate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., kind: _Optional[_Union[Duplicate.Kind, str]] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class IndexResponse(_message.Message):
-    __slots__ = ("item_id", "content_hash", "indexed", "objects", "duplicates", "embedding_cached", "model_version", "unchanged")
+    __slots__ = ("item_id", "content_hash", "indexed", "objects", "duplicates", "embedding_cached", "model_version", "unchanged", "skipped")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +69,7 @@ class IndexResponse(_message.Message):
     EMBEDDING_CACHED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     content_hash: str
     indexed: bool
@@ -70,7 +78,8 @@ class IndexResponse(_message.Message):
     embedding_cached: bool
     model_version: str
     unchanged: bool
-    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., indexed: _Optional[bool] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.Detection, _Mapping]]] = ..., duplicates: _Optional[_Iterable[_Union[Duplicate, _Mapping]]] = ..., embedding_cached: _Optional[bool] = ..., model_version: _Optional[str] = ..., unchanged: _Optional[bool] = ...) -> None: ...
+    skipped: str
+    def __init__(self, item_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., indexed: _Optional[bool] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.Detection, _Mapping]]] = ..., duplicates: _Optional[_Iterable[_Union[Duplicate, _Mapping]]] = ..., embedding_cached: _Optional[bool] = ..., model_version: _Optional[str] = ..., unchanged: _Optional[bool] = ..., skipped: _Optional[str] = ...) -> None: ...
 
 class IndexResult(_message.Message):
     __slots__ = ("item_id", "code", "error", "response")
@@ -207,7 +216,7 @@ class SearchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectResults, _Mapping]]] = ..., cached: _Optional[bool] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Catalog(_message.Message):
-    __slots__ = ("name", "items", "rows", "dimension", "index_type", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling", "indexed_rows")
+    __slots__ = ("name", "items", "rows", "dimension", "index_type", "candidate_code", "code_bytes", "full_vector_bytes", "dba_neighbours", "code", "vector_store", "stored_vector_bytes", "oversampling", "indexed_rows", "embedder", "preprocessing", "detector", "next_embedder", "previous_embedder", "next_items")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +231,12 @@ class Catalog(_message.Message):
     STORED_VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     OVERSAMPLING_FIELD_NUMBER: _ClassVar[int]
     INDEXED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDER_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_EMBEDDER_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_EMBEDDER_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ITEMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     items: int
     rows: int
@@ -236,7 +251,13 @@ class Catalog(_message.Message):
     stored_vector_bytes: int
     oversampling: int
     indexed_rows: int
-    def __init__(self, name: _Optional[str] = ..., items: _Optional[int] = ..., rows: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ..., code: _Optional[str] = ..., vector_store: _Optional[str] = ..., stored_vector_bytes: _Optional[int] = ..., oversampling: _Optional[int] = ..., indexed_rows: _Optional[int] = ...) -> None: ...
+    embedder: str
+    preprocessing: str
+    detector: str
+    next_embedder: str
+    previous_embedder: str
+    next_items: int
+    def __init__(self, name: _Optional[str] = ..., items: _Optional[int] = ..., rows: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., candidate_code: _Optional[str] = ..., code_bytes: _Optional[int] = ..., full_vector_bytes: _Optional[int] = ..., dba_neighbours: _Optional[int] = ..., code: _Optional[str] = ..., vector_store: _Optional[str] = ..., stored_vector_bytes: _Optional[int] = ..., oversampling: _Optional[int] = ..., indexed_rows: _Optional[int] = ..., embedder: _Optional[str] = ..., preprocessing: _Optional[str] = ..., detector: _Optional[str] = ..., next_embedder: _Optional[str] = ..., previous_embedder: _Optional[str] = ..., next_items: _Optional[int] = ...) -> None: ...
 
 class ListCatalogsRequest(_message.Message):
     __slots__ = ()

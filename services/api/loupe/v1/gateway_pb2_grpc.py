@@ -5,6 +5,7 @@ import warnings
 
 from loupe.v1 import detection_pb2 as loupe_dot_v1_dot_detection__pb2
 from loupe.v1 import gateway_pb2 as loupe_dot_v1_dot_gateway__pb2
+from loupe.v1 import retrieval_pb2 as loupe_dot_v1_dot_retrieval__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -81,6 +82,16 @@ class GatewayStub:
                 request_serializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogResponse.FromString,
                 _registered_method=True)
+        self.MigrateCatalog = channel.unary_unary(
+                '/loupe.v1.Gateway/MigrateCatalog',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.MigrateCatalogRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.CatalogRecord.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/loupe.v1.Gateway/ListItems',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -146,6 +157,21 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateCatalog(self, request, context):
+        """Model lifecycle (admin): begin a re-index beside the live collection, switch, roll back,
+        drop the previous collection, abort, or read the catalogue's record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """A catalogue's items in item id order, a page at a time (admin; what a re-index walks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +219,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.AugmentCatalog,
                     request_deserializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_gateway__pb2.AugmentCatalogResponse.SerializeToString,
+            ),
+            'MigrateCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateCatalog,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.MigrateCatalogRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.CatalogRecord.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +475,60 @@ class Gateway:
             '/loupe.v1.Gateway/AugmentCatalog',
             loupe_dot_v1_dot_gateway__pb2.AugmentCatalogRequest.SerializeToString,
             loupe_dot_v1_dot_gateway__pb2.AugmentCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Gateway/MigrateCatalog',
+            loupe_dot_v1_dot_retrieval__pb2.MigrateCatalogRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.CatalogRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Gateway/ListItems',
+            loupe_dot_v1_dot_retrieval__pb2.ListItemsRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.ListItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

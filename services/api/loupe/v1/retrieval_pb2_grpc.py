@@ -85,6 +85,16 @@ class RetrievalServiceStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemResponse.FromString,
                 _registered_method=True)
+        self.MigrateCatalog = channel.unary_unary(
+                '/loupe.v1.RetrievalService/MigrateCatalog',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.MigrateCatalogRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.CatalogRecord.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/loupe.v1.RetrievalService/ListItems',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -161,6 +171,22 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateCatalog(self, request, context):
+        """A catalogue's model lifecycle: begin a re-index into a new collection beside the live
+        one, switch to it, roll back, drop the previous collection, abort, or read the record.
+        Runs in the single writer's queue, so no write interleaves with a switch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """A catalogue's items, ordered by item id, a page at a time (what a re-index walks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +239,16 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.UpdateItem,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.UpdateItemResponse.SerializeToString,
+            ),
+            'MigrateCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateCatalog,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.MigrateCatalogRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.CatalogRecord.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.ListItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +522,60 @@ class RetrievalService:
             '/loupe.v1.RetrievalService/UpdateItem',
             loupe_dot_v1_dot_retrieval__pb2.UpdateItemRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.UpdateItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/MigrateCatalog',
+            loupe_dot_v1_dot_retrieval__pb2.MigrateCatalogRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.CatalogRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.RetrievalService/ListItems',
+            loupe_dot_v1_dot_retrieval__pb2.ListItemsRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.ListItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
