@@ -437,6 +437,9 @@ def _launch(data_dir: Path, existing: StackState | None, running: set[str]) -> L
     # A client's key (for some gateway) is no business of the services.
     env.pop("LOUPE_API_KEY", None)
     env.setdefault("LOUPE_DATA_DIR", str(data_dir))
+    # IndexRequest.keep_original keeps images here unless the environment names another store
+    # (an empty value turns the store off).
+    env.setdefault("LOUPE_ORIGINALS_URI", str(data_dir / "originals"))
     env["LOUPE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     env["LOUPE_REDIS_PASSWORD"] = redis_password
     if auth == "keys":

@@ -64,6 +64,10 @@ class GatewaySettings:
     breaker_failures: int = 5
     breaker_open_seconds: float = 5.0
     breaker_half_open_calls: int = 1
+    # LOUPE_ORIGINALS_URI: where IndexRequest.keep_original keeps image bytes (a folder or an
+    # fsspec URI such as s3://bucket/prefix, services/gateway/originals.py); empty: no store,
+    # and keep_original is refused.
+    originals_uri: str = ""
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -126,7 +130,15 @@ class GatewaySettings:
             breaker_half_open_calls=env_int(
                 "LOUPE_GATEWAY_BREAKER_HALF_OPEN_CALLS", 1, minimum=1, maximum=1000
             ),
+            originals_uri=env_str("LOUPE_ORIGINALS_URI", ""),
         )
+        if settings.originals_uri:
+            from services.gateway.originals import OriginalsError, OriginalsStore
+
+            try:
+                OriginalsStore(settings.originals_uri)
+            except OriginalsError as error:
+                raise ConfigError(f"LOUPE_ORIGINALS_URI: {error}") from None
         if settings.auth == "keys" and not settings.api_keys_file:
             raise ConfigError(
                 "LOUPE_API_KEYS_FILE is not set, and the gateway takes calls with an API key "

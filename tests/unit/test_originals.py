@@ -1,0 +1,111 @@
+"""The originals store (services/gateway/originals.py) on a local folder and on moto's S3
+server (a real S3-compatible HTTP endpoint on loopback): content-addressed, write-once,
+verified on read; and the gateway setting that names it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.config import ConfigError
+from services.gateway.originals import OriginalsError, OriginalsStore
+from services.gateway.settings import GatewaySettings
+from tests.support import free_ports
+
+IMAGE = b"\xff\xd8\xff\xe0 an image, as far as the store cares" * 20
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_local_store_keeps_bytes_once_under_their_hash(tmp_path: Path) -> None:
+    store = OriginalsStore(str(tmp_path / "originals"))
+    sha = digest(IMAGE)
+    assert sha not in store
+    assert store.keep(IMAGE) is True
+    path = tmp_path / "originals" / sha[:2] / sha
+    assert path.read_bytes() == IMAGE and store.location(sha) == str(path)
+    first_written = path.stat().st_mtime_ns
+    assert store.keep(IMAGE, sha) is False  # write-once: already there
+    assert path.stat().st_mtime_ns == first_written
+    assert store.read(sha, max_bytes=len(IMAGE)) == IMAGE
+    # Nothing but the object is left in its folder (no partial files).
+    assert os.listdir(path.parent) == [sha]
+
+
+def test_a_local_store_refuses_what_it_should_not_return(tmp_path: Path) -> None:
+    store = OriginalsStore(f"file://{tmp_path}/originals")
+    sha = digest(IMAGE)
+    store.keep(IMAGE)
+    with pytest.raises(OriginalsError, match="larger than 10 bytes"):
+        store.read(sha, max_bytes=10)
+    (tmp_path / "originals" / sha[:2] / sha).write_bytes(b"changed on disk")
+    with pytest.raises(OriginalsError, match="no longer match"):
+        store.read(sha, max_bytes=len(IMAGE))
+    with pytest.raises(FileNotFoundError):
+        store.read(digest(b"never kept"), max_bytes=100)
+    with pytest.raises(OriginalsError, match="not a sha256"):
+        store.path("../../etc/passwd")
+
+
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[Any]:
+    """A bucket on a real S3-compatible HTTP server on loopback; credentials are dummies."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": endpoint,
+        }.items():
+            env.setenv(name, value)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="keep")
+        try:
+            yield client
+        finally:
+            server.stop()
+
+
+def test_an_s3_store_keeps_bytes_once_under_their_hash(s3_bucket: Any) -> None:
+    store = OriginalsStore("s3://keep/loupe/originals")
+    sha = digest(IMAGE)
+    assert store.keep(IMAGE) is True
+    key = f"loupe/originals/{sha[:2]}/{sha}"
+    assert s3_bucket.get_object(Bucket="keep", Key=key)["Body"].read() == IMAGE
+    assert store.location(sha) == f"s3://keep/{key}"
+    modified = s3_bucket.head_object(Bucket="keep", Key=key)["LastModified"]
+    assert store.keep(IMAGE) is False
+    assert s3_bucket.head_object(Bucket="keep", Key=key)["LastModified"] == modified
+    assert store.read(sha, max_bytes=len(IMAGE)) == IMAGE
+    s3_bucket.put_object(Bucket="keep", Key=key, Body=b"overwritten by someone")
+    with pytest.raises(OriginalsError, match="no longer match"):
+        store.read(sha, max_bytes=len(IMAGE))
+
+
+def test_an_unusable_bucket_is_an_originals_error(s3_bucket: Any) -> None:
+    store = OriginalsStore("s3://no-such-bucket/originals")
+    with pytest.raises(OriginalsError, match="cannot keep"):
+        store.keep(IMAGE)
+
+
+def test_the_gateway_setting_is_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOUPE_AUTH", "open")
+    monkeypatch.delenv("LOUPE_ORIGINALS_URI", raising=False)
+    assert GatewaySettings.from_env().originals_uri == ""  # default: no store
+    monkeypatch.setenv("LOUPE_ORIGINALS_URI", "nosuchprotocol://bucket/x")
+    with pytest.raises(ConfigError, match="LOUPE_ORIGINALS_URI"):
+        GatewaySettings.from_env()
