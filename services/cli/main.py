@@ -223,6 +223,7 @@ async def cmd_index(args: argparse.Namespace) -> int:
                         skip_duplicates=args.skip_duplicates,
                         catalog=args.catalog,
                         source_uri=os.path.abspath(path),
+                        keep_original=args.keep_original,
                     )
                 )
                 paths.append(path)
@@ -322,6 +323,7 @@ async def cmd_index_manifest(args: argparse.Namespace) -> int:
             skip_duplicates=args.skip_duplicates,
             catalog=args.catalog,
             source_uri=where.source_uri,
+            keep_original=args.keep_original,
         )
         return entry, request, ""
 
@@ -650,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-duplicates",
         action="store_true",
         help="do not index an image that duplicates another item",
+    )
+    index.add_argument(
+        "--keep-original",
+        action="store_true",
+        help="the gateway keeps each image's bytes in its originals store (LOUPE_ORIGINALS_URI), "
+        "so `loupe reindex` can embed it again even if its file or URI is gone",
     )
     index.add_argument("--json", action="store_true", help="one JSON line per file or entry")
     index.add_argument(

@@ -44,6 +44,7 @@ from services.gateway.metrics import (
     ITEMS_INDEXED,
     STAGE_SECONDS,
 )
+from services.gateway.originals import OriginalsError, OriginalsStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import (
     check_filter,
@@ -92,6 +93,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.bulk_writes = Coalescer(
             self._upsert_items, max_items=COALESCED_ITEMS, max_delay=BULK_WRITE_DELAY_SECONDS
         )
+        # Where IndexRequest.keep_original keeps image bytes (LOUPE_ORIGINALS_URI); None: refused.
+        self.originals = OriginalsStore(settings.originals_uri) if settings.originals_uri else None
 
     # ---- RPCs ---------------------------------------------------------------------------
 
@@ -551,6 +554,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.image:
             raise invalid("image is empty")
         content_hash = content_hash_of(request.image)
+        if request.keep_original:
+            await self._keep_original(request.image, content_hash)
         embedder = await self.backends.model_info("embedding", context)
         detector = (
             await self.backends.model_info("detection", context) if request.detect else NO_DETECTOR
@@ -605,6 +610,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if written.written:
             ITEMS_INDEXED.inc()
         return response
+
+    async def _keep_original(self, image: bytes, content_hash: str) -> None:
+        """Keep the bytes in the originals store before anything is written: an item that is
+        acknowledged with keep_original can always be embedded again."""
+        if self.originals is None:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "keep_original is set but this gateway has no originals store: set "
+                "LOUPE_ORIGINALS_URI (a folder, or s3://bucket/prefix; `loupe up` uses "
+                "<data-dir>/originals), or index without it and give source_uri",
+            )
+        try:
+            with stage("originals"):
+                await asyncio.to_thread(self.originals.keep, image, content_hash)
+        except OriginalsError as error:
+            log.warning("cannot keep an original: %s", error)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
 
     async def _already_stored(
         self,
