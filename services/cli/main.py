@@ -6,6 +6,7 @@
     loupe search IMAGE... [--box x0,y0,x1,y1] [--objects] [--top-k K] [--json]
     loupe search --item ID               more like an indexed item
     loupe catalogs list|drop|augment     manage catalogues (--catalog NAME elsewhere)
+    loupe reindex CATALOG --model M[:V]  re-embed a catalogue with another model, then switch
     loupe eval retrieval|detection       measure quality on labelled data
     loupe keys create|list|rotate|revoke API keys of a gateway
     loupe down [--data-dir DIR]          stop the stack
@@ -771,6 +772,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     catalogs.add_argument("--json", action="store_true", help="list: as JSON")
     catalogs.set_defaults(run=cmd_catalogs)
+
+    from services.cli import reindex  # light: its heavy imports wait until it runs
+
+    re_index = with_gateway(
+        commands.add_parser(
+            "reindex",
+            help="re-embed a catalogue with another model beside the live one, then switch",
+            description=reindex.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    reindex.add_arguments(re_index)
+    re_index.set_defaults(run=reindex.run)
 
     evaluate = commands.add_parser("eval", help="measure retrieval or detection quality")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
