@@ -441,7 +441,7 @@ def test_distinct_items_keeps_one_row_per_item(stub) -> None:
     """An item with many objects near the query must not crowd the others out."""
     query = np.asarray(vector().values)
     crowd = r.StoredItem(
-        item_id="crowd", content_hash="h", model_version="m", metadata=suite("crowd")
+        item_id="crowd", content_hash="h", model_version="test-1", metadata=suite("crowd")
     )
     for index in range(8):
         near = query + 0.01 * rng.standard_normal(DIM)
@@ -494,7 +494,7 @@ def test_a_catalogue_keeps_its_layout_beside_new_settings(tmp_path: Path) -> Non
         assert stub.Stats(r.StatsRequest()).code == "simhash-v2"
         # The old catalogue still takes its own dimension.
         assert stub.Upsert(r.UpsertRequest(item=item("still-64"))).written
-        wide = r.StoredItem(item_id="wide", content_hash="w", model_version="m")
+        wide = r.StoredItem(item_id="wide", content_hash="w", model_version="test-1")
         values = rng.standard_normal(2 * DIM)
         wide.objects.add(object_index=0, vector=c.Vector(values=values.tolist()))
         stub.Upsert(r.UpsertRequest(item=wide, catalog="wide"))
@@ -564,6 +564,8 @@ def test_a_catalogue_made_before_layouts_is_adopted(tmp_path: Path) -> None:
     with serving(RetrievalService(settings)) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         stats = stub.Stats(r.StatsRequest(catalog="legacy"))
+        # Adopted as it is: bound to its rows' embedder, its own collection kept.
+        assert (stats.record.live.embedder, stats.record.live.collection) == ("embedder/1", name)
         assert (stats.code, stats.vector_store, stats.stored_vector_bytes) == (
             "simhash-v1",
             "fields",
@@ -577,6 +579,7 @@ def test_a_catalogue_made_before_layouts_is_adopted(tmp_path: Path) -> None:
         assert search(stub, query, catalog="legacy")[0].item_id == "old"
         new = item("new", metadata=suite("legacy"))
         new.source_uri = "/photos/new.jpg"
+        new.model_version = "embedder/1"
         stub.Upsert(r.UpsertRequest(item=new, catalog="legacy"))
         assert {x.item_id for x in search(stub, query, catalog="legacy")} == {"old", "new"}
         (again,) = stub.Lookup(r.LookupRequest(item_id="new", catalog="legacy")).items
@@ -840,7 +843,7 @@ def test_batch_augmentation_pages_through_the_index(
     with serving(RetrievalService(settings)) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         for k, values in enumerate(embedded):
-            stored = r.StoredItem(item_id=f"page-{k:02d}", content_hash=f"p{k}", model_version="m")
+            stored = r.StoredItem(item_id=f"page-{k:02d}", content_hash=f"p{k}", model_version="test-1")
             stored.objects.add(object_index=0, vector=c.Vector(values=values.tolist()))
             stub.Upsert(r.UpsertRequest(item=stored))
         assert stub.Augment(r.AugmentRequest()).items == 40

@@ -90,6 +90,10 @@ class RetrievalSettings:
     milvus_watch_seconds: float = 0.5
     milvus_probe_timeout_seconds: int = 5
     milvus_lite_restart_seconds: float = 10.0
+    # How often a replica re-reads the catalogue records (records.py), which the writer
+    # changes on a migration; a request naming a model the record does not know re-reads
+    # them at once.
+    catalog_refresh_seconds: float = 2.0
 
     @property
     def is_lite(self) -> bool:
@@ -181,6 +185,9 @@ class RetrievalSettings:
             ),
             milvus_lite_restart_seconds=env_float(
                 "LOUPE_MILVUS_LITE_RESTART_SECONDS", 10.0, minimum=0.0, maximum=3600.0
+            ),
+            catalog_refresh_seconds=env_float(
+                "LOUPE_RETRIEVAL_CATALOG_REFRESH_SECONDS", 2.0, minimum=0.1, maximum=3600.0
             ),
         )
 

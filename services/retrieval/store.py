@@ -63,6 +63,10 @@ MAX_OBJECTS = 1000
 SCALAR_INDEXED = ("item_id", "content_hash")
 # Separates the prefix from the catalogue name in a collection name.
 SEPARATOR = "__"
+# The catalogue records' collection: PREFIX___catalogs, which no catalogue name can give
+# (they start with a letter or digit).
+RECORDS = "_catalogs"
+RECORD_BYTES = 8192
 # Rows per Milvus upsert call, and pks per `pk in [...]` expression; up to FEW_ROWS rows go
 # row by row (MilvusStore._send).
 WRITE_ROWS = 1000
@@ -172,6 +176,7 @@ class MilvusStore:
         self._restart_lock = threading.Lock()
         self._prober = ThreadPoolExecutor(1, thread_name_prefix="milvus-probe")
         self._probing: Future[Any] | None = None
+        self._records_loaded: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -206,6 +211,7 @@ class MilvusStore:
     def _disconnect(self) -> None:
         client, self._client = self._client, None
         self._open.clear()
+        self._records_loaded.clear()
         if client is None:
             return
         # Closing may fail on a connection whose server died; nothing is left to save.
@@ -340,8 +346,9 @@ class MilvusStore:
         """The catalogue if this store has opened it already (no call to Milvus)."""
         return self._open.get(self.collection_name(catalog))
 
-    def collection(self, catalog: str, *, create: bool) -> OpenCatalog:
-        """The catalogue's collection, loaded; created first when `create`."""
+    def collection(self, catalog: str, *, create: bool, dim: int = 0) -> OpenCatalog:
+        """The catalogue's collection, loaded; created first when `create` (for vectors of
+        `dim` values; 0 = LOUPE_EMBEDDING_DIM)."""
         name = self.collection_name(catalog)
         opened = self._open.get(name)
         if opened is not None:
@@ -353,7 +360,7 @@ class MilvusStore:
             if client.has_collection(name, timeout=s.timeout_seconds):
                 layout = self._layout_of(name)
             elif create:
-                layout = self._create(name)
+                layout = self._create(name, dim)
             else:
                 raise CatalogNotFound(f"catalog {catalog!r} does not exist")
             # Also when a start-up died between creating the collection and its indexes.
@@ -409,19 +416,19 @@ class MilvusStore:
         log.info("catalogue dropped", extra={"collection": name})
         return True
 
-    def _new_layout(self) -> CatalogLayout:
+    def _new_layout(self, dim: int = 0) -> CatalogLayout:
         s = self.settings
         return CatalogLayout(
             code=codes.SIMHASH_V2 if s.candidate_code == "binary" else codes.FLOAT,
-            dim=s.dim,
+            dim=dim or s.dim,
             vectors=SIDECAR if s.is_lite else ROW_FIELDS,
             # milvus-lite keeps every field in memory: only what searches read goes there.
             slim=s.is_lite,
         )
 
-    def _create(self, name: str) -> CatalogLayout:
+    def _create(self, name: str, dim: int = 0) -> CatalogLayout:
         s, client = self.settings, self._require()
-        layout = self._new_layout()
+        layout = self._new_layout(dim)
         schema = MilvusClient.create_schema(
             auto_id=False, enable_dynamic_field=False, description=layout.description()
         )
@@ -729,6 +736,98 @@ class MilvusStore:
                 yield [r["pk"] for r in rows]
         finally:
             iterator.close()
+
+    def item_ids_after(self, catalog: str, after: str, limit: int) -> list[str]:
+        """Up to `limit` item ids greater than `after`, in order (ListItems' page). Milvus
+        returns rows in no order, so the ids after `after` are read (only that field) and
+        sorted: a walk of the catalogue reads N^2 / (2 x limit) ids, fine at the page sizes
+        a re-index uses up to a few million items."""
+        opened = self.collection(catalog, create=False)
+        expression = "object_index == 0"
+        if after:
+            expression += f" and item_id > {self._quote(after)}"
+        found: list[str] = []
+        with self._errors("list items"):
+            iterator = self._require().query_iterator(
+                opened.name,
+                batch_size=KEYS_PER_QUERY,
+                filter=expression,
+                output_fields=["item_id"],
+                consistency_level="Strong",
+                timeout=self.settings.timeout_seconds,
+            )
+        try:
+            while True:
+                with self._errors("list items"):
+                    rows = iterator.next()
+                if not rows:
+                    break
+                found.extend(r["item_id"] for r in rows)
+                # Only the smallest `limit` matter: keep memory at a few pages.
+                if len(found) > 4 * limit:
+                    found = sorted(found)[:limit]
+        finally:
+            iterator.close()
+        return sorted(found)[:limit]
+
+    def any_model_version(self, catalog: str) -> str:
+        """The model_version of one stored whole image ('' when the catalogue is empty):
+        what an adopted catalogue's vectors come from."""
+        for pks in self.whole_image_pks(catalog, 1):
+            rows = self.rows_by_pks(catalog, pks[:1], code=False)
+            if rows:
+                return str(rows[0].get("model_version", ""))
+        return ""
+
+    # -- catalogue records (records.py) --------------------------------------------------------
+
+    def read_records(self) -> dict[str, str]:
+        """Every catalogue record, as catalogue -> JSON (the collection is made on first use
+        by the writer; none yet = no records)."""
+        s, client, name = self.settings, self._require(), self.collection_name(RECORDS)
+        with self._errors("read catalogue records"):
+            if not client.has_collection(name, timeout=s.timeout_seconds):
+                return {}
+            if name not in self._records_loaded:
+                client.load_collection(name, timeout=s.load_timeout_seconds)
+                self._records_loaded.add(name)
+            rows = client.query(
+                name,
+                filter='catalog != ""',
+                output_fields=["catalog", "record"],
+                limit=MILVUS_MAX_TOPK,
+                consistency_level="Strong",
+                timeout=s.timeout_seconds,
+            )
+        return {str(r["catalog"]): str(r["record"]) for r in rows}
+
+    def write_record(self, catalog: str, record: str | None) -> None:
+        """Write (or with None, delete) one catalogue's record."""
+        s, client, name = self.settings, self._require(), self.collection_name(RECORDS)
+        with self._errors("write catalogue record"):
+            if not client.has_collection(name, timeout=s.timeout_seconds):
+                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                schema.add_field("catalog", DataType.VARCHAR, is_primary=True, max_length=128)
+                schema.add_field("record", DataType.VARCHAR, max_length=RECORD_BYTES)
+                # Milvus wants a vector field in every collection; records are never searched.
+                schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
+                client.create_collection(
+                    name, schema=schema, consistency_level="Strong", timeout=s.timeout_seconds
+                )
+                index = client.prepare_index_params()
+                index.add_index("unused", index_type="FLAT", metric_type="L2")
+                client.create_index(name, index, timeout=s.timeout_seconds)
+            if name not in self._records_loaded:
+                client.load_collection(name, timeout=s.load_timeout_seconds)
+                self._records_loaded.add(name)
+            if record is None:
+                client.delete(name, filter=f"catalog == {self._quote(catalog)}")
+            else:
+                client.upsert(
+                    name,
+                    [{"catalog": catalog, "record": record, "unused": [0.0, 0.0]}],
+                    timeout=s.timeout_seconds,
+                )
 
     def count(self, catalog: str, expression: str = "") -> int:
         opened = self.collection(catalog, create=False)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Histogram
 
+from loupe.v1.retrieval_pb2 import ModelBinding
 from services.retrieval import augmentation
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import SAME_HASH_LIMIT, MilvusStore, Row
@@ -53,6 +54,12 @@ class PendingItem:
     vectors: np.ndarray
     near_duplicate_threshold: float = 0.0
     skip_duplicates: bool = False
+    # The embedder the vectors come from (routes the item to its collection, records.py),
+    # and the write's own view of its models.
+    model: str = ""
+    binding: ModelBinding | None = None
+    # Write only if the live collection holds the item with this content hash.
+    if_live_content_hash: str = ""
 
 
 @dataclass
@@ -68,6 +75,14 @@ class Outcome:
     replaced: bool
     same_content: bool
     duplicates: list[Duplicate] = field(default_factory=list)
+    # Not written under if_live_content_hash: "changed" or "deleted".
+    skipped: str = ""
+    # This item alone failed (its model is not bound to the catalogue): its caller gets it.
+    error: Exception | None = None
+
+    @classmethod
+    def failed(cls, error: Exception) -> Outcome:
+        return cls(written=False, replaced=False, same_content=False, error=error)
 
 
 def write_batch(
@@ -244,7 +259,11 @@ class WriteQueue:
         finally:
             self._in_flight -= keys
         for queued, outcome in zip(batch, outcomes, strict=True):
-            if not queued.future.done():
+            if queued.future.done():
+                continue
+            if outcome.error is not None:
+                queued.future.set_exception(outcome.error)
+            else:
                 queued.future.set_result(outcome)
 
     def _take(self) -> list[_Queued]:
