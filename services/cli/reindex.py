@@ -78,6 +78,11 @@ def model_id(text: str) -> str:
     return f"{name}/{version}" if version else name
 
 
+def same_model(served: str, wanted: str) -> bool:
+    """Whether `served` ("name/version") is what --model asked for (a bare name: any version)."""
+    return served == wanted or ("/" not in wanted and served.partition("/")[0] == wanted)
+
+
 def originals_store(flag: str | None, data_dir: Path) -> OriginalsStore | None:
     """--originals, else LOUPE_ORIGINALS_URI, else the local stack's folder when it exists."""
     from services.gateway.originals import OriginalsError, OriginalsStore
@@ -428,7 +433,7 @@ async def reindex(
 ) -> int:
     store = originals_store(args.originals, data_dir)
     record = await migrate(stub, args.catalog, Action.STATUS)
-    if record.live.embedder == model and not record.HasField("next"):
+    if same_model(record.live.embedder, model) and not record.HasField("next"):
         say(f"loupe reindex: catalog {args.catalog!r} already serves {model}")
         print_record(record, args.json)
         return 0
