@@ -1,19 +1,27 @@
 """The originals store (services/gateway/originals.py) on a local folder and on moto's S3
 server (a real S3-compatible HTTP endpoint on loopback): content-addressed, write-once,
-verified on read; and the gateway setting that names it."""
+verified on read; the gateway setting that names it, and the gateway keeping the bytes
+before anything else (or refusing keep_original without a store)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from loupe.v1 import gateway_pb2
 from services.common.config import ConfigError
+from services.gateway.backends import Backends, RequestError
+from services.gateway.cache import Cache
 from services.gateway.originals import OriginalsError, OriginalsStore
+from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from tests.support import free_ports
 
@@ -109,3 +117,42 @@ def test_the_gateway_setting_is_checked_at_start(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LOUPE_ORIGINALS_URI", "nosuchprotocol://bucket/x")
     with pytest.raises(ConfigError, match="LOUPE_ORIGINALS_URI"):
         GatewaySettings.from_env()
+
+
+def gateway_index(settings: GatewaySettings, request: gateway_pb2.IndexRequest) -> RequestError:
+    """What the gateway's index path raises for `request` with no backend reachable."""
+
+    async def scenario() -> RequestError:
+        backends = Backends(settings)
+        servicer = GatewayServicer(settings, backends, Cache("", "", 0.1, 1.0, 1, 1))
+        try:
+            with pytest.raises(RequestError) as raised:
+                await servicer._index(request, None)  # type: ignore[arg-type]
+        finally:
+            await backends.close()
+        return raised.value
+
+    return asyncio.run(scenario())
+
+
+def test_the_gateway_keeps_the_bytes_before_anything_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LOUPE_AUTH", "open")
+    monkeypatch.setenv("LOUPE_TLS", "off")
+    monkeypatch.delenv("LOUPE_ORIGINALS_URI", raising=False)
+    (port,) = free_ports(1)  # nothing listens: every backend call fails
+    for name in ("DETECTION", "EMBEDDING", "RETRIEVAL", "RANKING"):
+        monkeypatch.setenv(f"LOUPE_{name}_ADDR", f"127.0.0.1:{port}")
+    settings = dataclasses.replace(
+        GatewaySettings.from_env(), redis_url="", backend_timeout_seconds=0.2, retry_attempts=1
+    )
+    request = gateway_pb2.IndexRequest(item_id="a", image=IMAGE, keep_original=True)
+    refused = gateway_index(settings, request)
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "LOUPE_ORIGINALS_URI" in refused.message
+    # With a store, the bytes are kept first: the backends' failure comes after.
+    kept = dataclasses.replace(settings, originals_uri=str(tmp_path / "originals"))
+    failed = gateway_index(kept, request)
+    assert failed.code != grpc.StatusCode.FAILED_PRECONDITION
+    assert OriginalsStore(str(tmp_path / "originals")).read(digest(IMAGE), len(IMAGE)) == IMAGE
