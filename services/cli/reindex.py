@@ -63,6 +63,7 @@ INDEX_CHUNK = 32
 # seen in one only, so a mismatch is looked at again before it counts.
 VERIFY_PASSES = 3
 VERIFY_PAUSE_SECONDS = 1.0
+CATCH_UP_PASSES = 3
 
 
 def say(message: str) -> None:
@@ -263,12 +264,19 @@ class Reindex:
         if self.bar is not None:
             self.bar.update(1)
 
-    async def walk(self, total: int | None) -> None:
+    async def walk(self, total: int | None, catch_up: bool = False) -> None:
+        """One pass over the live items: send those the new collection lacks. A catch-up pass
+        (after verification found some) neither counts what it lists nor tries again an item
+        already reported missing."""
         from services.cli import manifest
 
         args = self.args
         self.bar = tqdm(
-            total=total, unit="img", file=sys.stderr, disable=args.quiet, mininterval=0.5
+            total=total,
+            unit="img",
+            file=sys.stderr,
+            disable=args.quiet or catch_up,
+            mininterval=0.5,
         )
         slots = asyncio.Semaphore(max(3, args.download_concurrency // INDEX_CHUNK + 1))
         tasks: set[asyncio.Task[None]] = set()
@@ -294,11 +302,16 @@ class Reindex:
             async for item, there in pairs:
                 if errors:
                     break
-                self.tally.listed += 1
-                if there is not None and there.content_hash == item.content_hash:
-                    self.tally.done_before += 1
-                    self.advance()
-                    continue
+                done = there is not None and there.content_hash == item.content_hash
+                if catch_up:
+                    if done or item.item_id in self.tally.missing:
+                        continue
+                else:
+                    self.tally.listed += 1
+                    if done:
+                        self.tally.done_before += 1
+                        self.advance()
+                        continue
                 chunk.append(item)
                 if len(chunk) == INDEX_CHUNK:
                     await slots.acquire()
@@ -457,6 +470,13 @@ async def reindex(
         job = Reindex(args, stub, model, store, failures, shard)
         await job.walk(total)
         left = await job.unmatched()
+        for _ in range(CATCH_UP_PASSES):
+            if not set(left) - set(job.tally.missing):
+                break
+            # Live items written by a gateway that did not know of the new collection yet
+            # (it learns of it within seconds): sent now, as the first pass would have.
+            await job.walk(None, catch_up=True)
+            left = await job.unmatched()
     tally = job.tally
     seconds = time.perf_counter() - started
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(tally.skipped.items()))

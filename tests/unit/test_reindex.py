@@ -50,6 +50,10 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     # When the first stream comes, a writer replaces item01 and deletes item02, and the gateway
     # writes the replacement into both collections (dual writes).
     race: bool = False
+    # When the first stream comes, a gateway that has not seen the new collection yet writes
+    # item99 into the live one only.
+    late: bytes = b""
+    late_source: str = ""
     name: str = "gateway"
     grpc_services: list[str] = field(default_factory=list)
 
@@ -125,6 +129,9 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             self.race = False
             self.live["item01"] = self.next["item01"] = Row(sha(b"new bytes"))
             self.live.pop("item02", None)
+        if self.late:
+            self.live["item99"] = Row(sha(self.late), self.late_source)
+            self.late = b""
         async for request in request_iterator:
             self.sent.append(request)
             assert request.model == NEW and self.next is not None
@@ -255,6 +262,18 @@ def test_items_changed_or_deleted_meanwhile_are_not_missing(
     assert "0 missing, skipped as 1 changed, 1 deleted meanwhile" in capsys.readouterr().err
     assert fake.actions[-1] == "SWITCH"
     assert fake.live["item01"].content_hash == sha(b"new bytes") and "item02" not in fake.live
+
+
+def test_a_live_only_write_during_the_walk_is_caught_up(
+    gateway: tuple[FakeGateway, str], tmp_path: Path
+) -> None:
+    fake, address = gateway
+    (tmp_path / "late.jpg").write_bytes(b"written late")
+    fake.late, fake.late_source = b"written late", str(tmp_path / "late.jpg")
+    assert reindex(address, tmp_path, "--model", "embedder_gem3:1") == 0
+    assert fake.actions[-1] == "SWITCH"
+    assert fake.live["item99"].content_hash == sha(b"written late")
+    assert [r.item_id for r in fake.sent].count("item99") == 1
 
 
 def test_model_names_and_the_merge() -> None:
