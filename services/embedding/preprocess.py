@@ -55,6 +55,19 @@ class StretchPreprocessing:
             std=_floats(spec, "loupe.std", 3),
         )
 
+    def describe(self) -> str:
+        """In words, for catalogue records: two models prepared differently produce
+        incomparable vectors even with the same network."""
+        order = "BGR" if self.bgr else "RGB"
+
+        def listed(values: np.ndarray) -> str:
+            return ",".join(f"{v:g}" for v in values.tolist())
+
+        return (
+            f"{order} {self.input_width}x{self.input_height} stretch, scale {self.scale:g}, "
+            f"mean {listed(self.mean)}, std {listed(self.std)}"
+        )
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB image -> [3, H, W] float32."""
         resized = image.resize((self.input_width, self.input_height), Image.Resampling.BILINEAR)

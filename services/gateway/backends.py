@@ -17,6 +17,7 @@ from loupe.v1 import (
     detection_pb2_grpc,
     embedding_pb2_grpc,
     ranking_pb2_grpc,
+    retrieval_pb2,
     retrieval_pb2_grpc,
 )
 from services.common.channels import open_channel
@@ -39,6 +40,12 @@ CALLER_CODES = {
     grpc.StatusCode.CANCELLED,
 }
 REMEMBER_SECONDS = 30.0
+# How long a catalogue's record (its model bindings) is reused. A switch also bumps the
+# catalogue's cache generation (read again at once with Redis), and retrieval refuses a model
+# it no longer binds with FAILED_PRECONDITION (read again at once, and the call retried), so
+# this bounds how long a write may miss a re-index collection begun meanwhile; the re-index
+# itself skips items changed since it listed them (if_live_content_hash) and verifies them.
+RECORD_SECONDS = 2.0
 
 
 class RequestError(Exception):
@@ -82,6 +89,8 @@ class Backends:
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self._channels["ranking"])
         self._timeout = settings.backend_timeout_seconds
         self._remembered_answers: dict[str, tuple[float, Any]] = {}
+        # Catalogue -> (when read, cache generation then, its record or None: no catalogue).
+        self._records: dict[str, tuple[float, int | None, retrieval_pb2.CatalogRecord | None]] = {}
         self.breakers = {
             name: CircuitBreaker(
                 name,
@@ -155,14 +164,70 @@ class Backends:
         return answer
 
     async def model_info(self, service: str, context: grpc.aio.ServicerContext | None) -> str:
-        """'name/version' of the model behind detection or embedding. A rolled-out model
-        changes cache keys within REMEMBER_SECONDS."""
+        """'name/version' of the model behind detection or embedding (embedding: its default
+        model). A rolled-out model changes cache keys within REMEMBER_SECONDS."""
+        info = await self.describe(service, context)
+        return f"{info.model_name}/{info.model_version}"
+
+    async def describe(
+        self, service: str, context: grpc.aio.ServicerContext | None, *, fresh: bool = False
+    ) -> common_pb2.ModelInfo:
         stub = self.detection if service == "detection" else self.embedding
-        info = await self._remembered(
+        return await self._remembered(
             service,
             lambda: self.call(service, stub.Describe, common_pb2.DescribeRequest(), context),
+            fresh=fresh,
         )
-        return f"{info.model_name}/{info.model_version}"
+
+    async def served_embedders(
+        self, context: grpc.aio.ServicerContext | None, *, fresh: bool = False
+    ) -> dict[str, common_pb2.ModelInfo]:
+        """Every embedder the embedding service serves, 'name/version' -> its info, the
+        default first (an older service that lists none serves its default only)."""
+        info = await self.describe("embedding", context, fresh=fresh)
+        served = list(info.served) or [info]
+        return {f"{m.model_name}/{m.model_version}": m for m in served}
+
+    async def catalog_record(
+        self,
+        catalog: str,
+        generation: int | None,
+        context: grpc.aio.ServicerContext | None,
+        *,
+        fresh: bool = False,
+    ) -> retrieval_pb2.CatalogRecord | None:
+        """The catalogue's model record from retrieval (None: no such catalogue yet), reused
+        for RECORD_SECONDS while the catalogue's cache generation stays the same (a switch
+        bumps it)."""
+        now = time.monotonic()
+        known = self._records.get(catalog)
+        if (
+            not fresh
+            and known is not None
+            and now - known[0] < RECORD_SECONDS
+            and (generation is None or known[1] is None or generation == known[1])
+        ):
+            return known[2]
+        try:
+            record: retrieval_pb2.CatalogRecord | None = await self.call(
+                "retrieval",
+                self.retrieval.MigrateCatalog,
+                retrieval_pb2.MigrateCatalogRequest(
+                    catalog=catalog, action=retrieval_pb2.MigrateCatalogRequest.STATUS
+                ),
+                context,
+            )
+        except RequestError as error:
+            # NOT_FOUND: no such catalogue yet; UNIMPLEMENTED: a retrieval from before
+            # records (it binds nothing, so the default embedder is right).
+            if error.code != grpc.StatusCode.NOT_FOUND and "UNIMPLEMENTED" not in error.message:
+                raise
+            record = None
+        self._records[catalog] = (now, generation, record)
+        return record
+
+    def forget_record(self, catalog: str) -> None:
+        self._records.pop(catalog, None)
 
     async def ranking_fields(self, context: grpc.aio.ServicerContext | None) -> set[str] | None:
         """The metadata fields ranking reads from candidates (None: a ranking that does not
@@ -181,13 +246,16 @@ class Backends:
 
         return await self._remembered("ranking", fetch)
 
-    async def _remembered(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
-        """fetch()'s answer, reused for REMEMBER_SECONDS. When a refresh fails the last answer
-        stands (searches by item id need no model, so they go on while embedding is down);
-        the next refresh is tried REMEMBER_SECONDS later, not on every request."""
+    async def _remembered(
+        self, key: str, fetch: Callable[[], Awaitable[T]], *, fresh: bool = False
+    ) -> T:
+        """fetch()'s answer, reused for REMEMBER_SECONDS (`fresh`: asked again now). When a
+        refresh fails the last answer stands (searches by item id need no model, so they go
+        on while embedding is down); the next refresh is tried REMEMBER_SECONDS later, not
+        on every request."""
         now = time.monotonic()
         remembered = self._remembered_answers.get(key)
-        if remembered and now - remembered[0] < REMEMBER_SECONDS:
+        if remembered and now - remembered[0] < REMEMBER_SECONDS and not fresh:
             return remembered[1]
         try:
             answer = await fetch()

@@ -198,7 +198,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SearchResponse:
         try:
-            return await self._search(request, context)
+            try:
+                return await self._search(request, context)
+            except RequestError as error:
+                if error.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # A migration switched or dropped a model since the record was read: read it
+                # again and retry once.
+                self.backends.forget_record(resolve_catalog(request.catalog))
+                return await self._search(request, context)
         except RequestError as error:
             await context.abort(error.code, error.message)
             raise
@@ -233,6 +241,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     stored_vector_bytes=c.stored_vector_bytes,
                     oversampling=c.oversampling,
                     indexed_rows=c.indexed_rows,
+                    embedder=c.record.live.embedder,
+                    preprocessing=c.record.live.preprocessing,
+                    detector=c.record.live.detector,
+                    next_embedder=c.record.next.embedder,
+                    previous_embedder=c.record.previous.embedder,
+                    next_items=c.next_items,
                 )
                 for c in reply.catalogs
             ]
@@ -279,6 +293,46 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         return gateway_pb2.AugmentCatalogResponse(items=reply.items, seconds=reply.seconds)
 
+    async def MigrateCatalog(
+        self, request: retrieval_pb2.MigrateCatalogRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.CatalogRecord:
+        """Passed to retrieval: STATUS to a reader, the changes to the writer (whose queue
+        they run in)."""
+        try:
+            if not request.catalog:
+                raise invalid("name the catalog (the default one is 'default')")
+            forward = retrieval_pb2.MigrateCatalogRequest()
+            forward.CopyFrom(request)
+            forward.catalog = resolve_catalog(request.catalog)
+            status = request.action == retrieval_pb2.MigrateCatalogRequest.STATUS
+            backend = "retrieval" if status else "retrieval writer"
+            stub = self.backends.retrieval if status else self.backends.retrieval_writer
+            reply: retrieval_pb2.CatalogRecord = await self.backends.call(
+                backend, stub.MigrateCatalog, forward, context
+            )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+        self.backends.forget_record(forward.catalog)
+        return reply
+
+    async def ListItems(
+        self, request: retrieval_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.ListItemsResponse:
+        try:
+            forward = retrieval_pb2.ListItemsRequest()
+            forward.CopyFrom(request)
+            forward.catalog = resolve_catalog(request.catalog)
+            if request.after_item_id:
+                check_item_id(request.after_item_id)
+            reply: retrieval_pb2.ListItemsResponse = await self.backends.call(
+                "retrieval", self.backends.retrieval.ListItems, forward, context
+            )
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+            raise
+        return reply
+
     # ---- search -------------------------------------------------------------------------
 
     async def _search(
@@ -304,7 +358,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         image_hash = content_hash_of(request.image) if query == "image" else ""
 
-        embedder = await self.backends.model_info("embedding", context)
+        current = await self.cache.generation(catalog)
+        # The catalogue's live embedder: queries are embedded by it and searched in its
+        # collection, whatever the deployment's default model is.
+        embedder = await self._search_embedder(catalog, current, context)
         # What the answer was made without: a backend that failed (did not answer, or its
         # breaker is open) and that a search can do without. Detection: the whole image is
         # still searched, and no objects; ranking: retrieval's order. Such an answer is
@@ -322,7 +379,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # The cache key is the request with the image replaced by its hash, plus the models,
         # under the current index generation.
         key = None
-        generation = None if degraded else await self.cache.generation(catalog)
+        generation = None if degraded else current
         if generation is not None:
             normalised = gateway_pb2.SearchRequest()
             normalised.CopyFrom(request)
@@ -350,7 +407,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             exclude: list[str] = []
             query_metadata = dict(request.context_metadata)
         else:
-            item = await self._stored_item(request.item_id, catalog, context, include_vectors=True)
+            item = await self._stored_item(
+                request.item_id, catalog, context, include_vectors=True, model=embedder
+            )
             main_vector = item.objects[0].vector
             object_queries = [
                 (self._detection_of(o), o.vector) for o in item.objects[1:] if request.objects
@@ -375,6 +434,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 degraded,
                 context,
                 same_bytes_first=image_hash if whole else "",
+                model=embedder,
             )
         ]
         searches += [
@@ -388,6 +448,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 False,
                 degraded,
                 context,
+                model=embedder,
             )
             for _, vector in object_queries
         ]
@@ -404,6 +465,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         elif key is not None:
             await self.cache.set_search(key, response.SerializeToString())
         return response
+
+    async def _search_embedder(
+        self, catalog: str, generation: int | None, context: grpc.aio.ServicerContext
+    ) -> str:
+        """The embedder searches of the catalogue use: the one its live collection is bound
+        to (the default served one for a catalogue not bound yet), which this deployment must
+        serve."""
+        record = await self.backends.catalog_record(catalog, generation, context)
+        if record is None or not record.live.embedder:
+            return await self.backends.model_info("embedding", context)
+        live = record.live.embedder
+        served = await self.backends.served_embedders(context)
+        if live not in served:
+            served = await self.backends.served_embedders(context, fresh=True)
+        if live not in served:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"catalog {catalog!r} is bound to {live}; this deployment serves "
+                f"{', '.join(served)} (serve {live} too: LOUPE_EMBEDDING_EXTRA_MODELS, or "
+                f"re-index the catalogue: loupe reindex {catalog} --model ...)",
+            )
+        return live
 
     async def _image_query(
         self,
@@ -452,7 +535,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             reply = await self.backends.call(
                 "embedding",
                 self.backends.embedding.Embed,
-                embedding_pb2.EmbedRequest(image=request.image, regions=[request.crop]),
+                embedding_pb2.EmbedRequest(
+                    image=request.image, regions=[request.crop], model=embedder
+                ),
                 context,
             )
         return reply.regions[0], objects
@@ -469,6 +554,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         degraded: set[str],
         context: grpc.aio.ServicerContext,
         same_bytes_first: str = "",
+        model: str = "",
     ) -> list[common_pb2.Hit]:
         """Candidates, then ranking. Items stored with the content hash `same_bytes_first` come
         first: query expansion and DBA rank by neighbourhoods, which can put a close sibling
@@ -492,6 +578,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     catalog=catalog,
                     whole_images_only=whole_images_only,
                     distinct_items=not whole_images_only,
+                    # The query's vector space: retrieval searches the collection bound to it.
+                    model=model,
                 ),
                 context,
             )
@@ -556,14 +644,124 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         content_hash = content_hash_of(request.image)
         if request.keep_original:
             await self._keep_original(request.image, content_hash)
-        embedder = await self.backends.model_info("embedding", context)
         detector = (
             await self.backends.model_info("detection", context) if request.detect else NO_DETECTOR
         )
+        try:
+            return await self._index_models(request, catalog, content_hash, detector, context, bulk)
+        except RequestError as error:
+            if error.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # A migration began, switched or ended since the record was read: read it again
+            # and retry once.
+            self.backends.forget_record(catalog)
+            return await self._index_models(request, catalog, content_hash, detector, context, bulk)
+
+    async def _index_models(
+        self,
+        request: gateway_pb2.IndexRequest,
+        catalog: str,
+        content_hash: str,
+        detector: str,
+        context: grpc.aio.ServicerContext,
+        bulk: bool,
+    ) -> gateway_pb2.IndexResponse:
+        """Index the item with every model the catalogue is bound to (during a migration,
+        the live one and the other: dual writes, so that no write exists in one vector space
+        only), the live one first; or, for a re-index write (IndexRequest.model), with that
+        model only. Acknowledged when every write is done."""
+        generation = await self.cache.generation(catalog)
+        targets = await self._index_targets(request, catalog, generation, context)
+        first_model, first_info = targets[0]
+        response = await self._index_with(
+            request, catalog, content_hash, first_model, first_info, detector, context, bulk
+        )
+        if len(targets) == 1 or not response.indexed:
+            return response
+        others = await asyncio.gather(
+            *(
+                self._index_with(
+                    request, catalog, content_hash, model, info, detector, context, bulk
+                )
+                for model, info in targets[1:]
+            )
+        )
+        response.indexed = all(r.indexed for r in others)
+        response.unchanged = response.unchanged and all(r.unchanged for r in others)
+        response.embedding_cached = response.embedding_cached and all(
+            r.embedding_cached for r in others
+        )
+        return response
+
+    async def _index_targets(
+        self,
+        request: gateway_pb2.IndexRequest,
+        catalog: str,
+        generation: int | None,
+        context: grpc.aio.ServicerContext,
+    ) -> list[tuple[str, common_pb2.ModelInfo]]:
+        """('name/version', its info) of each embedder the item is written with."""
+        served = await self.backends.served_embedders(context)
+        if request.model:
+            if request.if_live_content_hash and len(request.if_live_content_hash) > 64:
+                raise invalid("if_live_content_hash: at most 64 characters (a SHA-256 in hex)")
+            for fresh in (False, True):
+                if fresh:
+                    served = await self.backends.served_embedders(context, fresh=True)
+                named = [
+                    m for m in served if m == request.model or m.split("/")[0] == request.model
+                ]
+                if named:
+                    return [(named[0], served[named[0]])]
+            raise invalid(
+                f"model {request.model!r} is not served by this deployment; it serves "
+                f"{', '.join(served)}"
+            )
+        if request.if_live_content_hash:
+            raise invalid("if_live_content_hash applies to re-index writes only: set model too")
+        record = await self.backends.catalog_record(catalog, generation, context)
+        if record is None or not record.live.embedder:
+            default = next(iter(served))
+            return [(default, served[default])]
+        bound = [record.live.embedder]
+        for role in ("next", "previous"):
+            if record.HasField(role) and getattr(record, role).embedder:
+                bound.append(getattr(record, role).embedder)
+        if any(model not in served for model in bound):
+            served = await self.backends.served_embedders(context, fresh=True)
+        missing = [model for model in bound if model not in served]
+        if missing:
+            hint = (
+                f" or drop the previous collection: loupe reindex {catalog} --drop-previous"
+                if record.HasField("previous") and record.previous.embedder in missing
+                else ""
+            )
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"catalog {catalog!r} is bound to {' and '.join(bound)}; this deployment "
+                f"serves {', '.join(served)}: serve {', '.join(missing)} too "
+                f"(LOUPE_EMBEDDING_EXTRA_MODELS){hint}",
+            )
+        return [(model, served[model]) for model in bound]
+
+    async def _index_with(
+        self,
+        request: gateway_pb2.IndexRequest,
+        catalog: str,
+        content_hash: str,
+        embedder: str,
+        info: common_pb2.ModelInfo,
+        detector: str,
+        context: grpc.aio.ServicerContext,
+        bulk: bool,
+    ) -> gateway_pb2.IndexResponse:
+        """Index the item with one embedder, into the catalogue's collection bound to it."""
         response = gateway_pb2.IndexResponse(
             item_id=request.item_id, content_hash=content_hash, model_version=embedder
         )
-        if await self._already_stored(request, catalog, content_hash, embedder, context):
+        if not request.if_live_content_hash and await self._already_stored(
+            request, catalog, content_hash, embedder, context
+        ):
             response.indexed = response.unchanged = True
             return response
 
@@ -595,10 +793,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     catalog=catalog,
                     near_duplicate_threshold=self.settings.duplicate_threshold,
                     skip_duplicates=request.skip_duplicates,
+                    binding=retrieval_pb2.ModelBinding(
+                        embedder=embedder,
+                        dimension=info.dimension,
+                        preprocessing=info.preprocessing,
+                        detector="" if detector == NO_DETECTOR else detector,
+                    ),
+                    if_live_content_hash=request.if_live_content_hash,
                 ),
             )
         if isinstance(written, RequestError):
             raise written
+        response.skipped = written.skipped
         for duplicate in written.duplicates:
             kind = gateway_pb2.Duplicate.EXACT if duplicate.exact else gateway_pb2.Duplicate.NEAR
             response.duplicates.add(
@@ -640,7 +846,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         asked for, with objects): then nothing is embedded again, and only changed metadata or
         source is rewritten. A re-run of a bulk load costs a lookup per item."""
         with stage("lookup"):
-            stored = await self.stored_items.submit(catalog, request.item_id)
+            stored = await self.stored_items.submit((catalog, embedder), request.item_id)
         if stored is None:
             return False
         if stored.content_hash != content_hash or stored.model_version != embedder:
@@ -665,14 +871,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return True
 
     async def _lookup_items(
-        self, catalog: str, item_ids: list[str]
+        self, key: tuple[str, str], item_ids: list[str]
     ) -> list[retrieval_pb2.StoredItem | None]:
-        """The stored items with these ids (None for those not stored), in one call."""
+        """The items with these ids stored in the catalogue's collection of this embedder
+        (None for those not stored), in one call."""
+        catalog, model = key
         found = await self.backends.call(
             "retrieval",
             self.backends.retrieval.Lookup,
             retrieval_pb2.LookupRequest(
-                item_ids=retrieval_pb2.ItemIds(ids=item_ids), catalog=catalog
+                item_ids=retrieval_pb2.ItemIds(ids=item_ids), catalog=catalog, model=model
             ),
             None,
         )
@@ -776,7 +984,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "embedding",
                 self.backends.embedding.Embed,
                 embedding_pb2.EmbedRequest(
-                    image=image, whole_image=True, regions=[d.box for d in detections]
+                    image=image,
+                    whole_image=True,
+                    regions=[d.box for d in detections],
+                    model=embedder,
                 ),
                 context,
             )
@@ -804,13 +1015,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
         *,
         include_vectors: bool,
+        model: str = "",
     ) -> retrieval_pb2.StoredItem:
         with stage("lookup"):
             found = await self.backends.call(
                 "retrieval",
                 self.backends.retrieval.Lookup,
                 retrieval_pb2.LookupRequest(
-                    item_id=item_id, include_vectors=include_vectors, catalog=catalog
+                    item_id=item_id, include_vectors=include_vectors, catalog=catalog, model=model
                 ),
                 context,
             )

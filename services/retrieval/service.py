@@ -719,9 +719,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
                         "previous": record.previous.embedder if record.previous else "",
                     },
                 )
-        if action in (Action.SWITCH, Action.ROLLBACK):
-            # Cached results were answered by the other model.
-            await self.invalidator.changed(catalog)
+        # SWITCH, ROLLBACK: cached results were answered by the other model. BEGIN, ABORT,
+        # DROP_PREVIOUS: gateways re-read the record at once (where writes must go).
+        await self.invalidator.changed(catalog)
         return self.record_proto(record)
 
     async def _migrate(
