@@ -7,7 +7,7 @@
     loupe search --item ID               more like an indexed item
     loupe catalogs list|drop|augment     manage catalogues (--catalog NAME elsewhere)
     loupe reindex CATALOG --model M[:V]  re-embed a catalogue with another model, then switch
-    loupe eval retrieval|detection       measure quality on labelled data
+    loupe eval retrieval|detection|objects   measure quality on labelled data (COCO boxes: objects)
     loupe keys create|list|rotate|revoke API keys of a gateway
     loupe down [--data-dir DIR]          stop the stack
 
@@ -35,7 +35,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from loupe.v1 import detection_pb2, gateway_pb2, gateway_pb2_grpc
-from services.cli import eval_detection, eval_retrieval, keys, output, stack
+from services.cli import eval_detection, eval_objects, eval_retrieval, keys, output, stack
 from services.cli.client import DEFAULT_DATA_DIR, api_key, channel, gateway_address
 from services.cli.parsing import (
     MAX_CANDIDATES,
@@ -786,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_arguments(re_index)
     re_index.set_defaults(run=reindex.run)
 
-    evaluate = commands.add_parser("eval", help="measure retrieval or detection quality")
+    evaluate = commands.add_parser("eval", help="measure retrieval, detection or object-search quality")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
     retrieval = kinds.add_parser(
         "retrieval",
@@ -804,6 +804,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_detection.add_arguments(detection)
     detection.set_defaults(run=eval_detection.run)
+    objects = kinds.add_parser(
+        "objects",
+        help="mAP, precision and latency of crop and object search on COCO boxes",
+        description=eval_objects.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eval_objects.add_arguments(objects)
+    objects.set_defaults(run=eval_objects.run)
 
     api_keys = commands.add_parser("keys", help="create, list, rotate or revoke API keys")
     keys.add_arguments(api_keys)
