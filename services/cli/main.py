@@ -786,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_arguments(re_index)
     re_index.set_defaults(run=reindex.run)
 
-    evaluate = commands.add_parser("eval", help="measure retrieval, detection or object-search quality")
+    evaluate = commands.add_parser("eval", help="measure search or detection quality")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
     retrieval = kinds.add_parser(
         "retrieval",
