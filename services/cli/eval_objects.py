@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -425,6 +426,7 @@ class Evaluation:
         self.whole_vectors: np.ndarray = np.zeros((0, 0), np.float32)
         self.whole_keys: list[str] = []
         self.model_version = ""  # as the gateway reports it
+        self.cached_responses = 0
 
     # -- running many calls ---------------------------------------------------------------
 
@@ -466,14 +468,23 @@ class Evaluation:
         started = time.perf_counter()
         try:
             reply = await self.gateway.Search(request, timeout=RPC_TIMEOUT_SECONDS)
-            self.model_version = reply.model_version
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             scored.skipped += 1
             tqdm.write(f"query skipped: {what}: {error.details()}", file=sys.stderr)
             return None, 0.0
-        return reply, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if reply.degraded:
+            raise EvalError(
+                f"{what}: the gateway answered without {', '.join(reply.degraded_reasons)} "
+                "(a backend failed): the figures would not be the engine's"
+            )
+        self.model_version = reply.model_version
+        # Fresh catalogues make a cached answer rare (the same box twice); counted, since its
+        # latency is the cache's.
+        self.cached_responses += reply.cached
+        return reply, seconds
 
     async def engine_crops(self, catalog: str, queries: Sequence[CropQuery]) -> Scored:
         scored = Scored()
@@ -518,11 +529,6 @@ class Evaluation:
             reply, seconds = await self.search(request, scored, image.key)
             if reply is None:
                 return
-            if reply.degraded:
-                raise EvalError(
-                    f"{image.key}: the gateway answered without {', '.join(reply.degraded_reasons)}"
-                    " (a backend is down): the figures would not be the engine's"
-                )
             boxes = [box_of(o.detection.box) for o in reply.objects]
             detections[image.key] = boxes
             scored.extra["detected_objects"] += len(boxes)
@@ -679,6 +685,11 @@ async def evaluate(args: argparse.Namespace) -> int:
         )
     run = Evaluation(args, coco)
     engine = [c for c in args.configs if c != "exact"]
+    if args.objects and not engine:
+        raise EvalError(
+            "--objects needs the engine (objects or whole in --configs): its detections are "
+            "what the Lens mode scores"
+        )
     prefix = args.catalog_prefix or f"evalobj_{uuid.uuid4().hex[:8]}"
     catalogs = {"objects": f"{prefix}_objects", "whole": f"{prefix}_whole"}
     address = gateway_address(args.gateway, args.data_dir)
@@ -691,11 +702,16 @@ async def evaluate(args: argparse.Namespace) -> int:
         f"not crowd); top_k {run.top_k}"
     )
     key = api_key(args.api_key, address, args.data_dir)
-    async with channel(address, key, data_dir=args.data_dir) as gateway_channel:
-        run.gateway = gateway_pb2_grpc.GatewayStub(gateway_channel)
+    async with contextlib.AsyncExitStack() as channels:
+        ch = await channels.enter_async_context(channel(address, key, data_dir=args.data_dir))
+        run.gateway = gateway_pb2_grpc.GatewayStub(ch)
+        if "exact" in args.configs:
+            # Before any indexing: a baseline that cannot run should fail in a second.
+            embedder = embedding_address(args.embedding_addr, address, args.data_dir)
+            model_version = await connect_embedding(run, embedder, args.data_dir, channels)
         created: list[str] = []
         try:
-            if engine or args.objects:
+            if engine:
                 existing = await run.gateway.ListCatalogs(gateway_pb2.ListCatalogsRequest())
                 names = {c.name for c in existing.catalogs}
                 taken = [catalogs[c] for c in engine if catalogs[c] in names]
@@ -711,13 +727,10 @@ async def evaluate(args: argparse.Namespace) -> int:
                 results["crops"][config] = await run.engine_crops(catalogs[config], queries)
                 if args.objects:
                     results["lens"][config] = await run.engine_objects(catalogs[config], detections)
-            model_version = run.model_version
-            if "exact" in args.configs:
-                model_version = await exact_configs(
-                    run, args, address, queries, detections, results, model_version
-                )
         except grpc.aio.AioRpcError as error:
-            raise EvalError(f"{error.code().name}: {error.details()}") from None
+            raise EvalError(
+                f"gateway at {address}: {error.code().name}: {error.details()}"
+            ) from None
         finally:
             if not args.keep:
                 for catalog in created:
@@ -727,6 +740,23 @@ async def evaluate(args: argparse.Namespace) -> int:
                         )
                     except grpc.aio.AioRpcError as error:
                         say(f"could not drop catalog {catalog!r}: {error.details()}")
+        if run.embedder is not None:
+            if run.model_version and run.model_version != model_version:
+                raise EvalError(
+                    f"the embedding service at {embedder} runs {model_version}, the gateway "
+                    f"{run.model_version}: the exact baseline would not be comparable "
+                    "(--embedding-addr)"
+                )
+            try:
+                await run.embed_gallery()
+                results["crops"]["exact"] = await run.exact_crops(queries)
+                if args.objects:
+                    results["lens"]["exact"] = await run.exact_objects(detections)
+            except grpc.aio.AioRpcError as error:
+                raise EvalError(
+                    f"embedding service at {embedder}: {error.code().name}: {error.details()}"
+                ) from None
+        model_version = run.model_version or model_version
 
     report: dict[str, Any] = {
         "images": str(args.images),
@@ -741,6 +771,7 @@ async def evaluate(args: argparse.Namespace) -> int:
         "gateway": address,
         "model_version": model_version,
         "kept": bool(args.keep),
+        "cached_responses": run.cached_responses,
         "catalogs": indexes,
         "crops": {c: s.report(coco.category_names) for c, s in results["crops"].items()},
         "lens": {c: s.report(coco.category_names) for c, s in results["lens"].items()},
@@ -755,40 +786,25 @@ async def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def exact_configs(
-    run: Evaluation,
-    args: argparse.Namespace,
-    gateway: str,
-    queries: Sequence[CropQuery],
-    detections: dict[str, list[tuple[float, float, float, float]]],
-    results: dict[str, dict[str, Scored]],
-    engine_model: str,
+async def connect_embedding(
+    run: Evaluation, address: str, data_dir: Path, channels: contextlib.AsyncExitStack
 ) -> str:
-    """The exact baseline, through the embedding service; the model it runs."""
-    address = embedding_address(args.embedding_addr, gateway, args.data_dir)
+    """Open the exact baseline's channel to the embedding service; the model it runs."""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-    async with open_channel(address, client_tls(address, args.data_dir), options=options) as ch:
-        run.embedder = embedding_pb2_grpc.EmbeddingServiceStub(ch)
-        try:
-            info = await run.embedder.Describe(common_pb2.DescribeRequest(), timeout=30)
-        except grpc.aio.AioRpcError as error:
-            raise EvalError(
-                f"embedding service at {address}: {error.code().name}: {error.details()}"
-            ) from None
-        model = f"{info.model_name}/{info.model_version}"
-        if engine_model and model != engine_model:
-            raise EvalError(
-                f"the embedding service at {address} runs {model}, the gateway's {engine_model}: "
-                "the baseline would not be comparable (--embedding-addr)"
-            )
-        await run.embed_gallery()
-        results["crops"]["exact"] = await run.exact_crops(queries)
-        if args.objects and detections:
-            results["lens"]["exact"] = await run.exact_objects(detections)
-    return model
+    ch = await channels.enter_async_context(
+        open_channel(address, client_tls(address, data_dir), options=options)
+    )
+    run.embedder = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+    try:
+        info = await run.embedder.Describe(common_pb2.DescribeRequest(), timeout=30)
+    except grpc.aio.AioRpcError as error:
+        raise EvalError(
+            f"embedding service at {address}: {error.code().name}: {error.details()}"
+        ) from None
+    return f"{info.model_name}/{info.model_version}"
 
 
 def table(report: dict[str, Any]) -> str:

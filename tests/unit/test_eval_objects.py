@@ -215,3 +215,31 @@ def test_no_crop_query_is_an_error_the_user_can_fix(images_dir: Path, tmp_path: 
         ["--images", str(images_dir), "--coco-json", str(path), "--min-side", "5000"]
     )
     assert eval_objects.run(args) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--configs", "exact", "--objects"], "--objects needs the engine"),
+        (["--configs", "exact", "--gateway", "127.0.0.1:9"], "pass --embedding-addr"),
+    ],
+    ids=["lens-without-engine", "no-embedding-service"],
+)
+def test_a_run_that_cannot_work_stops_before_it_starts(
+    images_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    message: str,
+) -> None:
+    monkeypatch.delenv("LOUPE_GATEWAY", raising=False)
+    parser = argparse.ArgumentParser()
+    eval_objects.add_arguments(parser)
+    path = write_json(tmp_path, coco_document())
+    args = parser.parse_args(
+        ["--images", str(images_dir), "--coco-json", str(path), "--min-side", "64",
+         "--data-dir", str(tmp_path / "no-stack"), *extra]
+    )  # fmt: skip
+    assert eval_objects.run(args) == 2
+    assert message in capsys.readouterr().err
