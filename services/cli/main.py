@@ -559,6 +559,7 @@ async def cmd_catalogs(args: argparse.Namespace) -> int:
                             f"{c.vector_store}, {c.stored_vector_bytes} B each; "
                             f"DBA k={c.dba_neighbours}"
                         )
+                        print(f"{'':<24} {_binding_line(c)}")
                 return 0
             if not args.name:
                 raise UsageError(f"loupe catalogs {args.action} needs a catalog NAME")
@@ -576,6 +577,18 @@ async def cmd_catalogs(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as error:
             say(f"loupe catalogs: {rpc_failure(error, address)}")
             return 1
+
+
+def _binding_line(c: gateway_pb2.Catalog) -> str:
+    """The models a catalogue is bound to, and a migration in progress or kept."""
+    text = f"embedder {c.embedder or 'unknown (not bound yet)'}"
+    text += f" [{c.preprocessing or 'preprocessing unknown'}]"
+    text += f", detector {c.detector or 'none recorded'}"
+    if c.next_embedder:
+        text += f"; re-indexing to {c.next_embedder} ({c.next_items} items so far)"
+    if c.previous_embedder:
+        text += f"; previous {c.previous_embedder} kept for rollback"
+    return text
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
