@@ -61,6 +61,14 @@ SERVICES = ("gateway", "detection", "embedding", "retrieval", "ranking")
 # Three Corel classes (beach, buses, dinosaurs), eight images each, for the stack.
 STACK_ITEMS = [c * 100 + i for c in (1, 3, 4) for i in range(8)]
 MODELS = ["embedder", "detector"]
+# A second embedder served beside the first (model lifecycle: both during a migration);
+# tools/setup.sh builds it.
+SECOND = "embedder_gem3"
+SERVED = (
+    [*MODELS, SECOND]
+    if (REPOSITORY_IN_CHECKOUT / SECOND / "1" / "model.onnx").is_file()
+    else MODELS
+)
 S = TypeVar("S", EmbeddingSettings, DetectionSettings)
 
 pytestmark = [
@@ -79,7 +87,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     # Installs the server's environment when it is missing: if that fails, the tests fail.
-    with running_triton(tmp_path_factory.mktemp("triton"), models=MODELS) as server:
+    with running_triton(tmp_path_factory.mktemp("triton"), models=SERVED) as server:
         yield server
 
 
@@ -130,6 +138,35 @@ def test_embeddings_through_triton_equal_the_in_process_ones(triton: TritonServe
                 assert float(np.abs(vector(x) - vector(y)).max()) < 1e-4
         # And the vectors really came from Triton.
         assert triton_stats(triton, "embedder")[0] >= inferences_before + len(requests)
+
+
+@pytest.mark.skipif(SECOND not in SERVED, reason=f"no models/{SECOND}: tools/setup.sh builds it")
+def test_two_embedders_side_by_side_on_triton(
+    triton: TritonServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One embedding service, two models on Triton by name and version per request: each
+    gives what the same model gives in process."""
+    monkeypatch.setenv("LOUPE_EMBEDDING_EXTRA_MODELS", f"{SECOND}:1")
+    local_settings = EmbeddingSettings.from_env()
+    request = embedding_pb2.EmbedRequest(
+        image=(COREL / "150.jpg").read_bytes(), whole_image=True, model=f"{SECOND}/1"
+    )
+    with (
+        serving(EmbeddingService(local_settings)) as local_channel,
+        serving(EmbeddingService(on_triton(local_settings, triton.url))) as triton_channel,
+    ):
+        local = embedding_pb2_grpc.EmbeddingServiceStub(local_channel)
+        remote = embedding_pb2_grpc.EmbeddingServiceStub(triton_channel)
+        before, _ = triton_stats(triton, SECOND)
+        a, b = local.Embed(request, timeout=60), remote.Embed(request, timeout=60)
+        assert (a.model_name, b.model_name) == (SECOND, SECOND)
+        assert float(np.abs(vector(a.whole_image) - vector(b.whole_image)).max()) < 1e-4
+        assert triton_stats(triton, SECOND)[0] == before + 1
+        default = remote.Embed(
+            embedding_pb2.EmbedRequest(image=request.image, whole_image=True), timeout=60
+        )
+        assert default.model_name == "embedder"
+        assert list(default.whole_image.values) != list(b.whole_image.values)
 
 
 def test_detections_through_triton_equal_the_in_process_ones(triton: TritonServer) -> None:
