@@ -924,6 +924,8 @@ def test_alerts_are_well_formed_and_documented(profile: str, docs: list[dict]) -
         "LoupeIndexFailures",
         "LoupeCacheInvalidationFailures",
         "LoupeRetrievalWriterDown",
+        "LoupeCatalogModelMismatch",
+        "LoupeCatalogModelNotServed",
     }
     if profile == "gpu":
         expected |= {"LoupeTritonQueueTime", "LoupeTritonInferenceFailures"}
@@ -1039,27 +1041,31 @@ def _pods(docs: list[dict]) -> list[dict]:
     return [*workloads(docs), *of_kind(docs, "Job"), *of_kind(docs, "Pod")]
 
 
-@pytest.mark.parametrize("case", [*PROFILES, "ci-index-job"])
+@pytest.mark.parametrize("case", [*PROFILES, "ci-index-job", "ci-migration"])
 def test_every_workload_has_its_own_service_account(case: str) -> None:
-    """One ServiceAccount per workload (the index Job and the helm test pod included), named
-    after it, with no token; and no account that nothing uses."""
+    """One ServiceAccount per workload (the index Job, the migration's Jobs together and the
+    helm test pod included), named after it, with no token; and no account that nothing uses."""
     docs = render(case)
     accounts = {a["metadata"]["name"]: a for a in of_kind(docs, "ServiceAccount")}
-    used = []
+    used: dict[str, str] = {}
     for doc in _pods(docs):
         name = pod_spec(doc)["serviceAccountName"]
         assert name == name_of(component(doc)), doc["metadata"]["name"]
         assert component(accounts[name]) == component(doc)
         assert accounts[name]["automountServiceAccountToken"] is False
         assert pod_spec(doc)["automountServiceAccountToken"] is False
-        used.append(name)
-    assert len(used) == len(set(used)), "two workloads share an account"
-    assert set(accounts) == set(used)
+        # The migration's shard and switch Jobs are one workload: one component, one account.
+        assert used.setdefault(component(doc), name) == name
+    assert len(used) == len(set(used.values())), "two workloads share an account"
+    used_names = set(used.values())
+    assert set(accounts) == used_names
     expected = {*components(case if case in PROFILES else "default"), "test"}
     if case == "gpu":
         expected.add("triton")
     if case == "ci-index-job":
         expected.add("index-job")
+    if case == "ci-migration":
+        expected |= {"reindex", "triton"}
     assert {component(a) for a in accounts.values()} == expected
 
 

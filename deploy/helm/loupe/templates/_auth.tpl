@@ -5,7 +5,8 @@ directory at loupe.apiKeysDir. Never with subPath: the kubelet updates a Secret 
 swapping a symlink in that directory, which a subPath mount never sees, and the gateway's
 re-reads (LOUPE_AUTH_RELOAD_SECONDS) are what rotate keys without a restart. The Secret is
 auth.existingSecret, or one the chart renders from auth.keys (apikeys.yaml). The index Job gets
-a key of its own as LOUPE_API_KEY (indexJob.apiKey). Health stays open: the probes and the helm
+a key of its own as LOUPE_API_KEY (indexJob.apiKey), and so do the migration's Jobs
+(migration.apiKey, admin role). Health stays open: the probes and the helm
 test pod need no key.
 */}}
 
@@ -133,6 +134,9 @@ skipped it. Called from loupe.validate.
 {{- end }}
 {{- $_ := set $names (toString $key.name) true }}
 {{- $_ := set $digests (toString $key.sha256) true }}
+{{- end }}
+{{- if and .Values.migration.enabled (not .Values.migration.apiKey.existingSecret) }}
+{{- fail (printf "migration.enabled=true with auth.mode=keys needs migration.apiKey.existingSecret: a Secret holding a key with the admin role (MigrateCatalog, ListItems) under migration.apiKey.key (%s). `loupe keys create reindex --role admin --keys-file api-keys.jsonl > reindex.key`, then `kubectl -n %s create secret generic loupe-reindex-api-key --from-file=%s=reindex.key` (and update the keys Secret); chart README, \"API keys\"" .Values.migration.apiKey.key .Release.Namespace .Values.migration.apiKey.key) }}
 {{- end }}
 {{- if and .Values.indexJob.enabled (not .Values.indexJob.apiKey.existingSecret) }}
 {{- fail (printf "indexJob.enabled=true with auth.mode=keys needs indexJob.apiKey.existingSecret: a Secret holding a key with the write role under indexJob.apiKey.key (%s). `loupe keys create index-job --role write --keys-file api-keys.jsonl > index-job.key`, then `kubectl -n %s create secret generic loupe-index-api-key --from-file=%s=index-job.key` (and update the keys Secret); chart README, \"API keys\"" .Values.indexJob.apiKey.key .Release.Namespace .Values.indexJob.apiKey.key) }}

@@ -146,7 +146,7 @@ Usage: include "loupe.serviceAccountName" (list $ "gateway" .Values.services.gat
 {{/*
 Every workload the release renders with its ServiceAccount values, as YAML
 {accounts: [{component, serviceAccount}]}: one per rendered service entry, Triton, the index
-Job and the helm test pod (which has no values of its own: always its own account).
+Job, the migration's Jobs (one account for all of them) and the helm test pod (which has no values of its own: always its own account).
 Usage: (include "loupe.workloadServiceAccounts" . | fromYaml).accounts
 */}}
 {{- define "loupe.workloadServiceAccounts" -}}
@@ -159,6 +159,9 @@ Usage: (include "loupe.workloadServiceAccounts" . | fromYaml).accounts
 {{- end }}
 {{- if .Values.indexJob.enabled }}
 {{- $accounts = append $accounts (dict "component" "index-job" "serviceAccount" .Values.indexJob.serviceAccount) }}
+{{- end }}
+{{- if .Values.migration.enabled }}
+{{- $accounts = append $accounts (dict "component" "reindex" "serviceAccount" .Values.migration.serviceAccount) }}
 {{- end }}
 {{- if .Values.tests.enabled }}
 {{- $accounts = append $accounts (dict "component" "test" "serviceAccount" (dict "create" true "name" "" "annotations" (dict))) }}
@@ -207,6 +210,41 @@ runId is a new Job (a Job's pod template cannot be changed in place).
 {{- $name = printf "%s-%s" $name . }}
 {{- end }}
 {{- $name }}
+{{- end }}
+
+{{/*
+Name of a migration Job: "<fullname>-reindex", plus "-<migration.runId>" when set, plus
+"-<step>" (switch, rollback, drop-previous, abort; "" for the shard Job).
+Usage: include "loupe.migrationJobName" (list $ "switch")
+*/}}
+{{- define "loupe.migrationJobName" -}}
+{{- $root := index . 0 }}
+{{- $name := include "loupe.componentName" (list $root "reindex") }}
+{{- with $root.Values.migration.runId | default "" | toString }}
+{{- $name = printf "%s-%s" $name . }}
+{{- end }}
+{{- with index . 1 }}
+{{- $name = printf "%s-%s" $name . }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/*
+A model reference NAME[:VERSION] (models.*, migration.model) as YAML {name, version}; version
+"" when none is given (the newest in the repository).
+*/}}
+{{- define "loupe.modelRef" -}}
+{{- $parts := splitn ":" 2 (toString .) }}
+name: {{ $parts._0 | quote }}
+version: {{ default "" $parts._1 | quote }}
+{{- end }}
+
+{{/*
+The embedders the embedding service serves, as YAML {models: [NAME[:VERSION], ...]}: the
+default (models.embedder) first, then models.extraEmbedders.
+*/}}
+{{- define "loupe.servedEmbedders" -}}
+{{- toYaml (dict "models" (prepend (.Values.models.extraEmbedders | default list) .Values.models.embedder)) }}
 {{- end }}
 
 {{- define "loupe.secretName" -}}
@@ -264,6 +302,21 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- /* The gateway caches in Redis; retrieval bumps a catalogue's cache generation on writes. */}}
 {{- $_ := set $env "LOUPE_REDIS_URL" ($root.Values.redis.url | toString) }}
 {{- $_ := set $env "LOUPE_REDIS_TIMEOUT_SECONDS" ($root.Values.redis.timeoutSeconds | toString) }}
+{{- end }}
+{{- if eq $program "detection" }}
+{{- $ref := include "loupe.modelRef" $root.Values.models.detector | fromYaml }}
+{{- $_ := set $env "LOUPE_DETECTION_MODEL" $ref.name }}
+{{- $_ := set $env "LOUPE_DETECTION_MODEL_VERSION" $ref.version }}
+{{- end }}
+{{- if eq $program "embedding" }}
+{{- /* The default embedder, and every other one served beside it (a migration's models). */}}
+{{- $ref := include "loupe.modelRef" $root.Values.models.embedder | fromYaml }}
+{{- $_ := set $env "LOUPE_EMBEDDING_MODEL" $ref.name }}
+{{- $_ := set $env "LOUPE_EMBEDDING_MODEL_VERSION" $ref.version }}
+{{- $_ := set $env "LOUPE_EMBEDDING_EXTRA_MODELS" (join "," ($root.Values.models.extraEmbedders | default list)) }}
+{{- end }}
+{{- if and (eq $program "gateway") $root.Values.originals.uri }}
+{{- $_ := set $env "LOUPE_ORIGINALS_URI" $root.Values.originals.uri }}
 {{- end }}
 {{- if has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}
 {{- $_ := set $env "LOUPE_INFERENCE_BACKEND" $root.Values.inference.backend }}
@@ -490,7 +543,87 @@ fewest replicas the workload runs, or a drain could never evict any of its pods.
 {{- fail (printf "indexJob: the Job name %q is longer than 63 characters; shorten indexJob.runId (or fullnameOverride)" $name) }}
 {{- end }}
 {{- end }}
+{{- include "loupe.validateModels" . }}
+{{- include "loupe.validateMigration" . }}
 {{- include "loupe.validateAuth" . }}
+{{- end }}
+
+{{/*
+The models come from models.* only: an env map that names them would disagree with what
+Triton loads, what the migration checks and what the alerts compare.
+*/}}
+{{- define "loupe.validateModels" -}}
+{{- $owned := list "LOUPE_DETECTION_MODEL" "LOUPE_DETECTION_MODEL_VERSION" "LOUPE_EMBEDDING_MODEL" "LOUPE_EMBEDDING_MODEL_VERSION" "LOUPE_EMBEDDING_EXTRA_MODELS" }}
+{{- $maps := dict "env" .Values.env }}
+{{- range $name, $svc := .Values.services }}
+{{- $_ := set $maps (printf "services.%s.env" $name) ($svc.env | default dict) }}
+{{- end }}
+{{- range $where, $map := $maps }}
+{{- range $key := $owned }}
+{{- if hasKey $map $key }}
+{{- fail (printf "%s.%s: set the models with models.detector, models.embedder and models.extraEmbedders (NAME[:VERSION]), not in env" $where $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $model := (include "loupe.servedEmbedders" . | fromYaml).models }}
+{{- $name := (include "loupe.modelRef" $model | fromYaml).name }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "models.extraEmbedders: %q is served twice (models.embedder and models.extraEmbedders name each embedder once; two versions of one model need two names)" $name) }}
+{{- end }}
+{{- $_ := set $seen $name true }}
+{{- end }}
+{{- end }}
+
+{{- define "loupe.validateMigration" -}}
+{{- if .Values.migration.enabled }}
+{{- $m := .Values.migration }}
+{{- if not $m.catalog }}
+{{- fail "migration.enabled=true needs migration.catalog: the catalogue to re-index (`loupe catalogs list` shows each one's embedder)" }}
+{{- end }}
+{{- if or (not (regexMatch "^[a-z0-9][a-z0-9_]{0,63}$" (toString $m.catalog))) (contains "__" (toString $m.catalog)) }}
+{{- fail (printf "migration.catalog=%q: a catalogue name is 1 to 64 lower-case letters, digits and underscores, starting with a letter or digit, with no two underscores in a row" (toString $m.catalog)) }}
+{{- end }}
+{{- if not (has $m.action (list "reindex" "rollback" "drop-previous" "abort")) }}
+{{- fail (printf "migration.action=%q: expected reindex, rollback, drop-previous or abort" (toString $m.action)) }}
+{{- end }}
+{{- if eq $m.action "reindex" }}
+{{- if not $m.model }}
+{{- fail "migration.enabled=true needs migration.model: the embedder to re-index with, NAME[:VERSION], served by the embedding service (models.extraEmbedders)" }}
+{{- end }}
+{{- $want := include "loupe.modelRef" $m.model | fromYaml }}
+{{- $served := false }}
+{{- range $model := (include "loupe.servedEmbedders" . | fromYaml).models }}
+{{- $ref := include "loupe.modelRef" $model | fromYaml }}
+{{- if and (eq $ref.name $want.name) (or (not $want.version) (eq $ref.version $want.version)) }}
+{{- $served = true }}
+{{- end }}
+{{- end }}
+{{- if not $served }}
+{{- fail (printf "migration.model=%q is not served: add it to models.extraEmbedders (served: %s), roll that out, then start the migration" (toString $m.model) (join ", " (include "loupe.servedEmbedders" . | fromYaml).models)) }}
+{{- end }}
+{{- if or (lt (int64 $m.shards) 1) (gt (int64 $m.shards) 100000) }}
+{{- fail (printf "migration.shards=%v: expected 1 to 100000 shards" $m.shards) }}
+{{- end }}
+{{- if lt (int64 $m.parallelism) 1 }}
+{{- fail (printf "migration.parallelism=%v: expected at least 1 (set migration.suspend=true to pause)" $m.parallelism) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "backoffLimitPerIndex" "maxFailedIndexes" "backoffLimit" "switchBackoffLimit" }}
+{{- if lt (int64 (index $m $key)) 0 }}
+{{- fail (printf "migration.%s=%v: expected 0 or more" $key (index $m $key)) }}
+{{- end }}
+{{- end }}
+{{- $runId := $m.runId | default "" | toString }}
+{{- if and $runId (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $runId)) }}
+{{- fail (printf "migration.runId=%q: use lower-case letters, digits and '-' (it ends the Jobs' names)" $runId) }}
+{{- end }}
+{{- /* The longest name a step gets: "-drop-previous". */}}
+{{- $name := include "loupe.migrationJobName" (list . "drop-previous") }}
+{{- if gt (len $name) 63 }}
+{{- fail (printf "migration: the Job name %q is longer than 63 characters; shorten migration.runId (or fullnameOverride)" $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The chart's own Secret (when no existingSecret is named). */}}

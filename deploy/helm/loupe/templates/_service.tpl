@@ -130,6 +130,11 @@ spec:
           envFrom:
             - configMapRef:
                 name: {{ $fullname }}
+            {{- if and (eq $program "gateway") $root.Values.originals.uri $root.Values.originals.existingSecret }}
+            # The originals store's credentials (AWS_ACCESS_KEY_ID, ...), read by s3fs / fsspec.
+            - secretRef:
+                name: {{ $root.Values.originals.existingSecret }}
+            {{- end }}
           {{- with $secretEnv }}
           env:
             {{- range . }}
