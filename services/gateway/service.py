@@ -304,6 +304,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             forward = retrieval_pb2.MigrateCatalogRequest()
             forward.CopyFrom(request)
             forward.catalog = resolve_catalog(request.catalog)
+            if request.action == retrieval_pb2.MigrateCatalogRequest.BEGIN:
+                await self._served_binding(forward.binding, context)
             status = request.action == retrieval_pb2.MigrateCatalogRequest.STATUS
             backend = "retrieval" if status else "retrieval writer"
             stub = self.backends.retrieval if status else self.backends.retrieval_writer
@@ -315,6 +317,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         self.backends.forget_record(forward.catalog)
         return reply
+
+    async def _served_binding(
+        self, binding: retrieval_pb2.ModelBinding, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A BEGIN that names its model only ("name" or "name/version", as `loupe reindex`
+        sends it) gets the served model's version, dimension and preprocessing: a client does
+        not know them, and a model this deployment does not serve cannot be re-indexed to."""
+        if binding.dimension:
+            return
+        served = await self.backends.served_embedders(context, fresh=True)
+        named = [m for m in served if binding.embedder in (m, m.split("/")[0])]
+        if not named:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {binding.embedder!r} is not served by this deployment; it serves "
+                f"{', '.join(served)} (serve it too: LOUPE_EMBEDDING_EXTRA_MODELS)",
+            )
+        info = served[named[0]]
+        binding.embedder = named[0]
+        binding.dimension = info.dimension
+        binding.preprocessing = binding.preprocessing or info.preprocessing
 
     async def ListItems(
         self, request: retrieval_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
