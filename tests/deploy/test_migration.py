@@ -14,6 +14,9 @@ change.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import promql_parser
@@ -22,11 +25,13 @@ import yaml
 
 from tests.deploy.chart import (
     CHART,
+    KUBE_VERSION,
     NAMESPACE,
     RELEASE,
     RenderError,
     alert_rules,
     component,
+    helm,
     named,
     of_kind,
     pod_spec,
@@ -364,3 +369,105 @@ def test_a_bound_model_nobody_serves_is_critical() -> None:
 
 def test_no_alerts_without_the_prometheus_operator() -> None:
     assert not of_kind(render(CI, crds=False), "PrometheusRule")
+
+
+# ---- the switch's guard ------------------------------------------------------------------------
+
+# `helm template` has no cluster, so `lookup` finds nothing there and the guard never refuses.
+# To exercise it, a copy of the chart answers each lookup from a file named after the object
+# asked for (what the API server would return), the template otherwise unchanged.
+LOOKUPS = {
+    'lookup "v1" "Service" .Release.Namespace (include "loupe.componentName" (list . "gateway"))': (
+        '(.Files.Get (printf "lookups/Service/%s.yaml" (include "loupe.componentName" '
+        '(list . "gateway"))) | fromYaml)'
+    ),
+    'lookup "batch/v1" "Job" .Release.Namespace $base': (
+        '(.Files.Get (printf "lookups/Job/%s.yaml" $base) | fromYaml)'
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def cluster_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    chart = tmp_path_factory.mktemp("chart") / "loupe"
+    shutil.copytree(CHART, chart)
+    template = chart / "templates" / "migration.yaml"
+    text = template.read_text()
+    for call, answer in LOOKUPS.items():
+        assert text.count(call) == 1, f"the guard no longer calls {call}"
+        text = text.replace(call, answer)
+    template.write_text(text)
+    (chart / "lookups" / "Service").mkdir(parents=True)
+    (chart / "lookups" / "Job").mkdir()
+    # An installed release: its gateway Service exists.
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"{RELEASE}-gateway"}}
+    (chart / "lookups" / "Service" / f"{RELEASE}-gateway.yaml").write_text(yaml.safe_dump(service))
+    return chart
+
+
+def render_on_cluster(chart: Path, shard_job: dict[str, Any] | None, *sets: str) -> list[dict]:
+    """Render the CI case as `helm upgrade` would on a cluster where the shard Job is
+    shard_job (None: there is none)."""
+    path = chart / "lookups" / "Job" / f"{SHARD_JOB}.yaml"
+    path.unlink(missing_ok=True)
+    if shard_job is not None:
+        path.write_text(
+            yaml.safe_dump({"kind": "Job", "metadata": {"name": SHARD_JOB}, **shard_job})
+        )
+    command = [str(helm()), "template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    command += ["--kube-version", KUBE_VERSION, "-f", str(chart / "ci" / "migration-values.yaml")]
+    for assignment in sets:
+        command += ["--set", assignment]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RenderError(result.stderr.strip())
+    return [doc for doc in yaml.load_all(result.stdout, Loader=yaml.CSafeLoader) if doc]
+
+
+def condition(kind: str) -> dict[str, Any]:
+    return {
+        "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True"},
+            {"type": kind, "status": "True"},
+        ]
+    }
+
+
+def test_the_switch_is_rendered_once_every_shard_has_completed(cluster_chart: Path) -> None:
+    done = {"status": {"succeeded": 200, **condition("Complete")}}
+    assert set(jobs(render_on_cluster(cluster_chart, done))) == {SHARD_JOB, SWITCH_JOB}
+
+
+@pytest.mark.parametrize(
+    ("shard_job", "sets", "message"),
+    [
+        (
+            {"status": {"succeeded": 37, "active": 8}},
+            (),
+            f"the shard Job {SHARD_JOB} has not completed yet (37 of 200 shards done). Wait "
+            f"for it (kubectl -n {NAMESPACE} wait --for=condition=complete job/{SHARD_JOB}",
+        ),
+        (
+            {"status": {"succeeded": 198, "failedIndexes": "3,17", **condition("Failed")}},
+            ("migration.allowMissing=false",),
+            f"the shard Job {SHARD_JOB} has failed (198 of 200 shards succeeded; failed: 3,17)",
+        ),
+        (None, (), f"the shard Job {SHARD_JOB} does not exist in namespace {NAMESPACE}"),
+    ],
+    ids=["running", "failed", "absent"],
+)
+def test_the_switch_is_refused_before(
+    cluster_chart: Path, shard_job: dict[str, Any] | None, sets: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render_on_cluster(cluster_chart, shard_job, *sets)
+    if shard_job is None:
+        # The first upgrade of a migration: without the switch, the shard Job alone.
+        docs = render_on_cluster(cluster_chart, shard_job, *sets, "migration.switch=false")
+        assert set(jobs(docs)) == {SHARD_JOB}
+
+
+def test_with_allow_missing_a_finished_failed_job_is_enough(cluster_chart: Path) -> None:
+    failed = {"status": {"succeeded": 198, "failedIndexes": "3,17", **condition("Failed")}}
+    docs = render_on_cluster(cluster_chart, failed)  # the CI case sets allowMissing
+    assert "--allow-missing" in the_container(jobs(docs)[SWITCH_JOB])["args"]
