@@ -131,8 +131,13 @@ class Scored:
     categories: list[int] = field(default_factory=list)
     extra: dict[str, int] = field(default_factory=dict)
 
-    def add(self, ranked: list[bool], relevant: int, seconds: float, category: int) -> None:
-        self.per_query.append(query_metrics(ranked, relevant))
+    def add(
+        self, ranked: list[bool], relevant: int, gallery: int, seconds: float, category: int
+    ) -> None:
+        """`gallery`: the images a query is ranked against, its own included."""
+        figures = query_metrics(ranked, relevant)
+        figures["chance"] = relevant / max(gallery - 1, 1)
+        self.per_query.append(figures)
         self.latencies.append(seconds)
         self.categories.append(category)
 
@@ -142,6 +147,8 @@ class Scored:
             metrics: Metrics = summarise(self.per_query, self.latencies, self.skipped)
             figures = {k: round(v, 4) for k, v in asdict(metrics).items() if isinstance(v, float)}
             figures |= {"queries": metrics.queries, "skipped_queries": metrics.skipped_queries}
+            # The share of the other images that are relevant: about the mAP of a random order.
+            figures["chance_map"] = round(float(np.mean([q["chance"] for q in self.per_query])), 4)
             by_category: dict[str, list[float]] = {}
             for category, ap in zip(self.categories, metrics.per_query, strict=True):
                 by_category.setdefault(names.get(category, str(category)), []).append(ap)
@@ -506,7 +513,7 @@ class Evaluation:
                 ranked = ranked_relevance(
                     [h.item_id for h in reply.results], q.image.key, relevant, self.top_k
                 )
-                scored.add(ranked, len(relevant), seconds, q.category)
+                scored.add(ranked, len(relevant), len(gallery), seconds, q.category)
 
         await self.each(queries, query, f"crops {catalog}")
         return scored
@@ -547,7 +554,7 @@ class Evaluation:
                     [h.item_id for h in found.results], image.key, relevant, self.top_k
                 )
                 # One search answers all of an image's objects: each is charged its latency.
-                scored.add(ranked, len(relevant), seconds, truth.category)
+                scored.add(ranked, len(relevant), len(gallery), seconds, truth.category)
 
         await self.each(self.images, query, f"lens {catalog}")
         return scored
@@ -639,7 +646,7 @@ class Evaluation:
         ranked = ranked_relevance(
             [self.whole_keys[i] for i in order], image.key, relevant, self.top_k
         )
-        scored.add(ranked, len(relevant), seconds, category)
+        scored.add(ranked, len(relevant), len(gallery), seconds, category)
 
     async def exact_crops(self, queries: Sequence[CropQuery]) -> Scored:
         scored = Scored()
@@ -807,26 +814,65 @@ async def connect_embedding(
     return f"{info.model_name}/{info.model_version}"
 
 
+TABLE_COLUMNS = (
+    ("mode", "<"),
+    ("config", "<"),
+    ("queries", ">"),
+    ("skipped", ">"),
+    ("mAP", ">"),
+    ("mAP@100", ">"),
+    ("P@1", ">"),
+    ("P@5", ">"),
+    ("P@10", ">"),
+    ("R@10", ">"),
+    ("chance", ">"),
+    ("p50 ms", ">"),
+    ("p95 ms", ">"),
+)
+
+
 def table(report: dict[str, Any]) -> str:
+    """A Markdown table (padded, so that it reads as text too), a row per mode and
+    configuration, under a line that says what was measured."""
+    rows = []
+    for mode in ("crops", "lens"):
+        for config, m in report[mode].items():
+            row = [mode, config, str(m["queries"]), str(m["skipped_queries"])]
+            if m["queries"]:
+                row += [
+                    f"{m[key]:.4f}"
+                    for key in (
+                        "map", "map_at_100", "p_at_1", "p_at_5", "p_at_10", "r_at_10",
+                        "chance_map",
+                    )
+                ]  # fmt: skip
+                row += [f"{m['latency_ms_median']:.1f}", f"{m['latency_ms_p95']:.1f}"]
+            else:
+                row += ["-"] * (len(TABLE_COLUMNS) - len(row))
+            rows.append(row)
+    widths = [
+        max(len(name), *(len(row[i]) for row in rows)) for i, (name, _) in enumerate(TABLE_COLUMNS)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(cells, TABLE_COLUMNS, widths, strict=True)
+        )
+        return "| " + " | ".join(padded) + " |"
+
     lines = [
         f"{report['gallery_images']} images of {report['images']}, {report['crop_queries']} crop "
         f"queries (boxes >= {report['min_side']} px); top_k {report['top_k']}, own image left "
         f"out; model {report['model_version'] or '-'}",
         "",
-        f"{'mode':<8} {'config':<8} {'queries':>7} {'skipped':>7} {'mAP':>7} {'mAP@100':>8} "
-        f"{'P@1':>7} {'P@5':>7} {'P@10':>7} {'R@10':>7} {'p50 ms':>8} {'p95 ms':>8}",
-    ]
-    for mode in ("crops", "lens"):
-        for config, m in report[mode].items():
-            if not m["queries"]:
-                lines.append(f"{mode:<8} {config:<8} {0:>7} {m['skipped_queries']:>7}")
-                continue
-            lines.append(
-                f"{mode:<8} {config:<8} {m['queries']:>7} {m['skipped_queries']:>7} "
-                f"{m['map']:>7.4f} {m['map_at_100']:>8.4f} {m['p_at_1']:>7.4f} "
-                f"{m['p_at_5']:>7.4f} {m['p_at_10']:>7.4f} {m['r_at_10']:>7.4f} "
-                f"{m['latency_ms_median']:>8.1f} {m['latency_ms_p95']:>8.1f}"
-            )
+        line([name for name, _ in TABLE_COLUMNS]),
+        "|" + "|".join(("-" * (w + 1) + ":") if a == ">" else "-" * (w + 2)
+                       for (_, a), w in zip(TABLE_COLUMNS, widths, strict=True)) + "|",
+        *(line(row) for row in rows),
+    ]  # fmt: skip
+    if report["lens"]:
+        lines.append("")
     for config, m in report["lens"].items():
         lines.append(
             f"lens {config}: {m['matched_objects']} of {m['detected_objects']} detected "

@@ -179,14 +179,15 @@ def test_detections_match_ground_truth_greedily_one_to_one() -> None:
 def test_scored_reports_per_category_and_no_figures_without_queries() -> None:
     scored = Scored(skipped=2)
     assert scored.report({}) == {"queries": 0, "skipped_queries": 2}
-    scored.add([True], 1, 0.010, 1)
-    scored.add([False, True], 1, 0.030, 2)
+    scored.add([True], 1, 5, 0.010, 1)
+    scored.add([False, True], 2, 5, 0.030, 2)
     report = scored.report({1: "person"})
     assert report["queries"] == 2 and report["skipped_queries"] == 2
-    assert report["map"] == pytest.approx(0.75)
+    assert report["map"] == pytest.approx((1 + 0.5 / 2) / 2)
+    assert report["chance_map"] == pytest.approx((1 / 4 + 2 / 4) / 2)
     assert report["latency_ms_median"] == pytest.approx(20.0)
     assert report["ap_by_category"] == {
-        "2": {"queries": 1, "map": 0.5},
+        "2": {"queries": 1, "map": 0.25},
         "person": {"queries": 1, "map": 1.0},
     }
 
