@@ -983,6 +983,7 @@ def test_dashboard_is_found_by_the_grafana_sidecar(docs: list[dict]) -> None:
         "Gateway",
         "Inference (detection, embedding)",
         "Retrieval writes",
+        "Models (lifecycle)",
         "Triton (GPU profile)",
     }
     for panel in panels(dashboard):
