@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -298,3 +299,46 @@ def test_model_names_and_the_merge() -> None:
     assert asyncio.run(merged(None)) == [("a", ""), ("c", "c"), ("d", ""), ("f", "f")]
     halves = [asyncio.run(merged(Shard(i, 2))) for i in range(2)]
     assert sorted(sum(halves, [])) == [("a", ""), ("c", "c"), ("d", ""), ("f", "f")]
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A bucket on moto's S3 server on loopback (dummy credentials), as in test_manifest."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="photos")
+    try:
+        yield client
+    finally:
+        server.stop()
+
+
+def test_sources_and_originals_on_s3(
+    gateway: tuple[FakeGateway, str], tmp_path: Path, files: dict[str, bytes], s3_bucket: Any
+) -> None:
+    """Sources at s3:// URIs, and an originals store in a bucket (LOUPE_ORIGINALS_URI) for the
+    item whose object is gone."""
+    fake, address = gateway
+    for item_id, data in files.items():
+        s3_bucket.put_object(Bucket="photos", Key=f"{item_id}.jpg", Body=data)
+        fake.live[item_id].source_uri = f"s3://photos/{item_id}.jpg"
+    s3_bucket.delete_object(Bucket="photos", Key="item07.jpg")
+    OriginalsStore("s3://photos/originals").keep(files["item07"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOUPE_ORIGINALS_URI", "s3://photos/originals")
+        assert reindex(address, tmp_path, "--model", "embedder_gem3:1") == 0
+    assert fake.actions[-1] == "SWITCH"
+    assert {r.item_id: r.image for r in fake.sent} == files
