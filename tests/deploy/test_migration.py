@@ -37,6 +37,7 @@ from tests.deploy.chart import (
     pod_spec,
     render,
 )
+from tests.deploy.test_chart_auth import release_notes
 
 CI = "ci-migration"  # deploy/helm/loupe/ci/migration-values.yaml: every option set
 CI_VALUES = yaml.safe_load((CHART / "ci" / "migration-values.yaml").read_text())
@@ -471,3 +472,13 @@ def test_with_allow_missing_a_finished_failed_job_is_enough(cluster_chart: Path)
     failed = {"status": {"succeeded": 198, "failedIndexes": "3,17", **condition("Failed")}}
     docs = render_on_cluster(cluster_chart, failed)  # the CI case sets allowMissing
     assert "--allow-missing" in the_container(jobs(docs)[SWITCH_JOB])["args"]
+
+
+def test_the_release_notes_say_what_runs_and_what_comes_next(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    notes = release_notes(tmp_path_factory, *ENABLED, "auth.existingSecret=loupe-api-keys")
+    job = f"{RELEASE}-reindex"
+    assert f"Shard Job {job}: 10 shards, 2 at a time; no shard switches." in notes
+    assert f"wait --for=condition=complete job/{job}" in notes
+    assert "set migration.switch=true and upgrade" in notes
