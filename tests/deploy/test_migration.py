@@ -192,6 +192,8 @@ def test_an_action_is_one_pod_never_retried(action: str) -> None:
     assert name == f"{SHARD_JOB}-{action}"
     job = jobs(docs)[name]
     assert job["spec"]["backoffLimit"] == 0, "a rollback run twice swaps back"
+    # Not even an evicted pod is replaced (the default policy's Ignore rule would).
+    assert "podFailurePolicy" not in job["spec"]
     assert job["spec"]["completions"] == 1 and "completionMode" not in job["spec"]
     args = the_container(job)["args"]
     assert args[:4] == ["products", f"--{action}", "--gateway", GATEWAY]
