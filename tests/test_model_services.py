@@ -259,6 +259,32 @@ def test_request_threshold_and_limit_apply(
     assert [d.score for d in limited.detections] == scores[:3]
 
 
+def test_a_region_detects_like_the_cropped_image_in_the_images_pixels(
+    detection: detection_pb2_grpc.DetectionServiceStub,
+) -> None:
+    data = (COCO / "images" / "000000000139.jpg").read_bytes()  # a living room: many objects
+    x0, y0, x1, y1 = 200, 100, 460, 330
+    buffer = io.BytesIO()
+    decode_image(data).crop((x0, y0, x1, y1)).save(buffer, "PNG")
+    cropped = detection.Detect(detection_pb2.DetectRequest(image=buffer.getvalue()))
+    within = detection.Detect(
+        detection_pb2.DetectRequest(image=data, region=common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+    )
+    assert within.detections, "the region holds objects"
+    assert (within.image_width, within.image_height) == (640, 426)  # the image's, not the crop's
+    assert [d.label for d in within.detections] == [d.label for d in cropped.detections]
+    for a, b in zip(within.detections, cropped.detections, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        assert [a.box.x0, a.box.y0, a.box.x1, a.box.y1] == pytest.approx(
+            [b.box.x0 + x0, b.box.y0 + y0, b.box.x1 + x0, b.box.y1 + y0], abs=0.01
+        )
+        assert x0 <= a.box.x0 < a.box.x1 <= x1 and y0 <= a.box.y0 < a.box.y1 <= y1
+    outside = detection_pb2.DetectRequest(
+        image=data, region=common_pb2.Box(x0=700, y0=0, x1=800, y1=50)
+    )
+    assert_invalid_argument(detection.Detect, outside, "region")
+
+
 @pytest.mark.parametrize(
     ("request_fields", "message_part"),
     [

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
 
 from loupe.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from services.common.config import ConfigError
-from services.common.images import EncodedImage, InvalidImage, release_memory_after
+from services.common.images import (
+    EncodedImage,
+    InvalidImage,
+    PixelBox,
+    clip_box,
+    release_memory_after,
+)
 from services.common.inference import (
     LoadedModel,
     ServesModel,
@@ -25,6 +31,22 @@ from services.detection.settings import MAX_DETECTIONS_LIMIT, DetectionSettings
 from services.detection.yolox import Detections, YoloxDecoder
 
 log = logging.getLogger(__name__)
+
+
+class RegionError(InvalidImage):
+    """The requested region is unusable; the message says why."""
+
+
+@dataclass(frozen=True)
+class View:
+    """What the model saw: its origin in original pixels, its size in decoded pixels, and
+    original pixels per decoded pixel on each axis."""
+
+    x0: float
+    y0: float
+    width: int
+    height: int
+    scale: tuple[float, float]
 
 
 class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer):
@@ -90,8 +112,15 @@ class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer)
                 f"or 0 for the default {self.settings.max_detections}",
             )
 
+        region = (
+            PixelBox(request.region.x0, request.region.y0, request.region.x1, request.region.y1)
+            if request.HasField("region")
+            else None
+        )
         try:
-            size, decoded_size, letterboxed = await asyncio.to_thread(self._prepare, request.image)
+            size, view, letterboxed = await asyncio.to_thread(self._prepare, request.image, region)
+        except RegionError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"region: {error}")
         except InvalidImage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {error}")
         outputs = await infer_or_abort(
@@ -101,15 +130,17 @@ class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer)
             self.decoder,
             outputs[self.spec.outputs[0].name],
             ratio=letterboxed.ratio,
-            image_width=decoded_size[0],
-            image_height=decoded_size[1],
+            image_width=view.width,
+            image_height=view.height,
             score_threshold=score_threshold,
             iou_threshold=self.settings.nms_iou,
             max_detections=max_detections,
         )
-        # Boxes of a decoder-shrunk image, back to original pixels (per axis: see images.py).
-        sx, sy = size[0] / decoded_size[0], size[1] / decoded_size[1]
+        # Boxes of a decoder-shrunk image (or of a region of it), back to original pixels
+        # (per axis: see images.py).
+        sx, sy = view.scale
         boxes = detections.boxes * np.array([sx, sy, sx, sy], dtype=detections.boxes.dtype)
+        boxes += np.array([view.x0, view.y0, view.x0, view.y0], dtype=boxes.dtype)
         detections = replace(detections, boxes=boxes)
         return detection_pb2.DetectResponse(
             detections=self._to_proto(detections),
@@ -119,20 +150,47 @@ class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer)
             model_version=self.spec.version,
         )
 
-    def _prepare(self, data: bytes) -> tuple[tuple[int, int], tuple[int, int], Letterboxed]:
-        prepared = self._letterbox(data)
+    def _prepare(
+        self, data: bytes, region: PixelBox | None
+    ) -> tuple[tuple[int, int], View, Letterboxed]:
+        prepared = self._letterbox(data, region)
         # The decoded pixels were freed when _letterbox returned.
         release_memory_after(prepared[0])
         return prepared
 
-    def _letterbox(self, data: bytes) -> tuple[tuple[int, int], tuple[int, int], Letterboxed]:
-        """(original size, decoded size, model input). The decoder may shrink a large JPEG
-        down to (not below) the letterbox size: the model sees no fewer pixels."""
+    def _letterbox(
+        self, data: bytes, region: PixelBox | None = None
+    ) -> tuple[tuple[int, int], View, Letterboxed]:
+        """(original size, what the model saw, model input). The decoder may shrink a large
+        JPEG down to (not below) the letterbox size of the image or region: the model sees no
+        fewer pixels."""
         encoded = EncodedImage(data, self.settings.max_image_pixels)
         width, height = encoded.size
-        ratio = min(self.preprocess.input_height / height, self.preprocess.input_width / width)
-        image = encoded.decode(at_least=(math.ceil(width * ratio), math.ceil(height * ratio)))
-        return encoded.size, image.size, self.preprocess(image)
+        box = PixelBox(0.0, 0.0, float(width), float(height))
+        if region is not None:
+            try:
+                box = clip_box(region, width, height)
+            except InvalidImage as error:
+                raise RegionError(str(error)) from None
+        ratio = min(
+            self.preprocess.input_height / box.height, self.preprocess.input_width / box.width
+        )
+        image = encoded.decode(
+            at_least=(min(width, math.ceil(width * ratio)), min(height, math.ceil(height * ratio)))
+        )
+        sx, sy = width / image.width, height / image.height
+        if region is not None:
+            pixels = (
+                math.floor(box.x0 / sx),
+                math.floor(box.y0 / sy),
+                math.ceil(box.x1 / sx),
+                math.ceil(box.y1 / sy),
+            )
+            image = image.crop(pixels)
+            view = View(pixels[0] * sx, pixels[1] * sy, image.width, image.height, (sx, sy))
+        else:
+            view = View(0.0, 0.0, image.width, image.height, (sx, sy))
+        return encoded.size, view, self.preprocess(image)
 
     def _to_proto(self, detections: Detections) -> list[common_pb2.Detection]:
         return [

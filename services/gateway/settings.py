@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.channels import TLSSettings
-from services.common.config import ConfigError, env_address, env_float, env_int, env_str
+from services.common.config import (
+    ConfigError,
+    env_address,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+)
 
 AUTH_MODES = ("keys", "open")
 LB_POLICIES = ("round_robin", "pick_first")
@@ -68,6 +75,16 @@ class GatewaySettings:
     # fsspec URI such as s3://bucket/prefix, services/gateway/originals.py); empty: no store,
     # and keep_original is refused.
     originals_uri: str = ""
+    # Crop and object searches (docs/quality.md, "Objects: what each change adds"): the
+    # query's detected label goes to ranking's same-label bonus (a crop's label: the
+    # detection of its image overlapping it with IoU >= query_label_iou), and candidates are
+    # re-scored with their vectors as embedded, not as DBA rewrote them (DBA averages a whole
+    # image with its neighbours: fine for whole-image queries, blurring for an object's).
+    query_labels: bool = True
+    query_label_iou: float = 0.5
+    # A crop that no detection of its image overlaps so: detect within the crop itself.
+    crop_detection: bool = True
+    object_search_raw_vectors: bool = True
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -101,6 +118,12 @@ class GatewaySettings:
             max_query_objects=env_int("LOUPE_GATEWAY_MAX_QUERY_OBJECTS", 8, minimum=1),
             max_index_objects=env_int("LOUPE_GATEWAY_MAX_INDEX_OBJECTS", 10, minimum=0),
             min_object_pixels=env_int("LOUPE_GATEWAY_MIN_OBJECT_PIXELS", 32, minimum=2),
+            query_labels=env_bool("LOUPE_GATEWAY_QUERY_LABELS", True),
+            query_label_iou=env_float(
+                "LOUPE_GATEWAY_QUERY_LABEL_IOU", 0.5, minimum=0.01, maximum=1.0
+            ),
+            object_search_raw_vectors=env_bool("LOUPE_GATEWAY_OBJECT_SEARCH_RAW_VECTORS", True),
+            crop_detection=env_bool("LOUPE_GATEWAY_CROP_DETECTION", True),
             index_concurrency=env_int(
                 "LOUPE_GATEWAY_INDEX_CONCURRENCY", 16, minimum=1, maximum=256
             ),

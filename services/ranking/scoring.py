@@ -1,4 +1,4 @@
-"""Scores as pure numpy functions: score = similarity + popularity + category."""
+"""Scores as pure numpy functions: score = similarity + popularity + category + label."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def popularity(values: np.ndarray, weight: float, scale: float) -> np.ndarray:
     """weight * min(1, log1p(p) / log1p(scale)); NaN (no popularity) and p <= 0 give 0."""
     p = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
     return weight * np.minimum(1.0, np.log1p(np.maximum(p, 0.0)) / np.log1p(scale))
+
+
+def same_label(
+    query_label: str, labels: Sequence[str], item_labels: Sequence[Sequence[str]], weight: float
+) -> np.ndarray:
+    """`weight` for each candidate whose row's label or any of its item's object labels is
+    the query's label, else 0; all 0 without a query label. Item-wide rather than the row's
+    own: a whole-image row that wins for a crop still shows the object (measured in
+    tools/objects_offline.py: the row's label alone gave about half the gain)."""
+    if not query_label or weight == 0.0:
+        return np.zeros(len(labels))
+    return np.array(
+        [
+            weight if label == query_label or query_label in others else 0.0
+            for label, others in zip(labels, item_labels, strict=True)
+        ]
+    )
 
 
 def best_per_item(

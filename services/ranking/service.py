@@ -131,7 +131,13 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
                 for c in candidates
             ]
         )
-        score = (similarity if expanded is None else expanded) + popularity + category
+        label = scoring.same_label(
+            request.query_label,
+            [c.label for c in candidates],
+            [c.item_labels for c in candidates],
+            s.label_weight,
+        )
+        score = (similarity if expanded is None else expanded) + popularity + category + label
 
         chosen = scoring.best_per_item(
             score,
@@ -150,6 +156,7 @@ class RankingService(ranking_pb2_grpc.RankingServiceServicer):
                     similarity=similarity[i],
                     popularity=popularity[i],
                     category=category[i],
+                    label=label[i],
                     expanded_similarity=0.0 if expanded is None else expanded[i],
                 ),
             )

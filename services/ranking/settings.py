@@ -18,6 +18,9 @@ class RankingSettings:
     # alpha-QE: the query is expanded with its best `qe_neighbours` items (0 = off).
     qe_neighbours: int
     qe_alpha: float
+    # Added to a candidate whose item holds an object with the query's detected label (crop
+    # and object searches; 0 = off). docs/quality.md, "Objects: what each change adds".
+    label_weight: float = 0.2
 
     @classmethod
     def from_env(cls) -> RankingSettings:
@@ -35,6 +38,7 @@ class RankingSettings:
             category_weight=_weight("LOUPE_RANKING_CATEGORY_WEIGHT", 0.05),
             qe_neighbours=env_int("LOUPE_RANKING_QE_NEIGHBOURS", 5, minimum=0, maximum=100),
             qe_alpha=env_float("LOUPE_RANKING_QE_ALPHA", 3.0, minimum=0.0, maximum=100.0),
+            label_weight=_weight("LOUPE_RANKING_LABEL_WEIGHT", cls.label_weight),
         )
 
 

@@ -575,9 +575,11 @@ class MilvusStore:
         expression: str,
         *,
         distinct_items: bool = False,
+        raw: bool = False,
     ) -> tuple[list[Row], np.ndarray]:
         """The `limit` nearest rows, best first, each with its `score` (cosine), and their
-        stored vectors [limit, dim].
+        stored vectors [limit, dim] (`raw`: as embedded, before DBA; they then also re-score
+        the rows the compact index proposes).
 
         The compact index proposes `oversampling` x limit rows; their full vectors re-score
         them (binary codes estimate the angle, and the nearest by Hamming distance are not
@@ -596,7 +598,7 @@ class MilvusStore:
                 scores = np.array([hit.score for hit in hits], dtype=np.float64)
                 matrix = None
             else:
-                pks, matrix = opened.vectors.get(opened.name, opened.layout, pks, raw=False)
+                pks, matrix = opened.vectors.get(opened.name, opened.layout, pks, raw=raw)
                 scores = packed.unit_rows(matrix) @ unit_query if len(pks) else np.empty(0)
             order = np.argsort(-scores, kind="stable")
             chosen: list[int] = []
@@ -624,7 +626,7 @@ class MilvusStore:
             result.append(row)
         if matrix is None:
             found_pks, vectors = opened.vectors.get(
-                opened.name, opened.layout, [r["pk"] for r in result], raw=False
+                opened.name, opened.layout, [r["pk"] for r in result], raw=raw
             )
             keep = set(found_pks)
             result = [r for r in result if r["pk"] in keep]

@@ -228,3 +228,51 @@ def test_query_expansion_counts_an_item_once() -> None:
     )
     once = scoring.expand_query(np.array(QUERY), vectors[:1], np.array([0.8]), ["a"], [0], 2, 0.0)
     assert np.allclose(expanded, once)
+
+
+def labelled(
+    service: RankingService, candidates: list[retrieval_pb2.Candidate], query_label: str
+) -> list[c.Hit]:
+    return service.rank(
+        ranking_pb2.RankRequest(
+            query=c.Vector(values=QUERY), candidates=candidates, top_k=10, query_label=query_label
+        )
+    )
+
+
+def test_same_label_bonus_lifts_items_holding_the_querys_label() -> None:
+    service = ranker()
+    service.settings = RankingSettings("popularity", 0.0, 1000.0, "category", 0.0, 0, 3.0, 0.2)
+    # "lamp" holds a lamp among its objects but wins with its whole image; "room" is closer.
+    lamp = candidate("lamp", [0.8, 0.6, 0.0])
+    lamp.item_labels.extend(["chair", "lamp"])
+    by_row = candidate("by-row", [0.75, 0.66, 0.0], object_index=1)
+    by_row.label = "lamp"
+    room = candidate("room", [0.9, 0.43, 0.0])
+    room.item_labels.append("sofa")
+    hits = labelled(service, [room, lamp, by_row], "lamp")
+    assert [h.item_id for h in hits] == ["lamp", "by-row", "room"]
+    parts = {h.item_id: h.parts for h in hits}
+    assert parts["lamp"].label == pytest.approx(0.2)
+    assert parts["by-row"].label == pytest.approx(0.2)
+    assert parts["room"].label == 0.0
+    for hit in hits:
+        assert hit.score == pytest.approx(hit.parts.similarity + hit.parts.label, abs=1e-6)
+    # No query label, or a zero weight: similarity alone.
+    assert [h.item_id for h in labelled(service, [room, lamp, by_row], "")][0] == "room"
+    service.settings = RankingSettings("popularity", 0.0, 1000.0, "category", 0.0, 0, 3.0, 0.0)
+    hits = labelled(service, [room, lamp, by_row], "lamp")
+    assert [h.item_id for h in hits][0] == "room"
+    assert all(h.parts.label == 0.0 for h in hits)
+
+
+def test_label_weight_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.common.config import ConfigError
+
+    monkeypatch.setenv("LOUPE_RANKING_LABEL_WEIGHT", "0.5")
+    assert RankingSettings.from_env().label_weight == 0.5
+    monkeypatch.delenv("LOUPE_RANKING_LABEL_WEIGHT")
+    assert RankingSettings.from_env().label_weight == RankingSettings.label_weight
+    monkeypatch.setenv("LOUPE_RANKING_LABEL_WEIGHT", "-1")
+    with pytest.raises(ConfigError, match="LOUPE_RANKING_LABEL_WEIGHT"):
+        RankingSettings.from_env()

@@ -104,16 +104,18 @@ class Range(_message.Message):
     def __init__(self, gte: _Optional[float] = ..., gt: _Optional[float] = ..., lte: _Optional[float] = ..., lt: _Optional[float] = ...) -> None: ...
 
 class ScoreParts(_message.Message):
-    __slots__ = ("similarity", "popularity", "category", "expanded_similarity")
+    __slots__ = ("similarity", "popularity", "category", "expanded_similarity", "label")
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     POPULARITY_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     EXPANDED_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     similarity: float
     popularity: float
     category: float
     expanded_similarity: float
-    def __init__(self, similarity: _Optional[float] = ..., popularity: _Optional[float] = ..., category: _Optional[float] = ..., expanded_similarity: _Optional[float] = ...) -> None: ...
+    label: float
+    def __init__(self, similarity: _Optional[float] = ..., popularity: _Optional[float] = ..., category: _Optional[float] = ..., expanded_similarity: _Optional[float] = ..., label: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("item_id", "score", "object_index", "box", "label", "metadata", "parts")

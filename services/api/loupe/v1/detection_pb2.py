@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/detection.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\"O\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x17\n\x0fscore_threshold\x18\x02 \x01(\x02\x12\x16\n\x0emax_detections\x18\x03 \x01(\x05\"\x8f\x01\n\x0e\x44\x65tectResponse\x12\'\n\ndetections\x18\x01 \x03(\x0b\x32\x13.loupe.v1.Detection\x12\x13\n\x0bimage_width\x18\x02 \x01(\x05\x12\x14\n\x0cimage_height\x18\x03 \x01(\x05\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t2\x8b\x01\n\x10\x44\x65tectionService\x12;\n\x06\x44\x65tect\x12\x17.loupe.v1.DetectRequest\x1a\x18.loupe.v1.DetectResponse\x12:\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x13.loupe.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/detection.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\"n\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x17\n\x0fscore_threshold\x18\x02 \x01(\x02\x12\x16\n\x0emax_detections\x18\x03 \x01(\x05\x12\x1d\n\x06region\x18\x04 \x01(\x0b\x32\r.loupe.v1.Box\"\x8f\x01\n\x0e\x44\x65tectResponse\x12\'\n\ndetections\x18\x01 \x03(\x0b\x32\x13.loupe.v1.Detection\x12\x13\n\x0bimage_width\x18\x02 \x01(\x05\x12\x14\n\x0cimage_height\x18\x03 \x01(\x05\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t2\x8b\x01\n\x10\x44\x65tectionService\x12;\n\x06\x44\x65tect\x12\x17.loupe.v1.DetectRequest\x1a\x18.loupe.v1.DetectResponse\x12:\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x13.loupe.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loupe.v1.detection_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DETECTREQUEST']._serialized_start=61
-  _globals['_DETECTREQUEST']._serialized_end=140
-  _globals['_DETECTRESPONSE']._serialized_start=143
-  _globals['_DETECTRESPONSE']._serialized_end=286
-  _globals['_DETECTIONSERVICE']._serialized_start=289
-  _globals['_DETECTIONSERVICE']._serialized_end=428
+  _globals['_DETECTREQUEST']._serialized_end=171
+  _globals['_DETECTRESPONSE']._serialized_start=174
+  _globals['_DETECTRESPONSE']._serialized_end=317
+  _globals['_DETECTIONSERVICE']._serialized_start=320
+  _globals['_DETECTIONSERVICE']._serialized_end=459
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "score_threshold", "max_detections")
+    __slots__ = ("image", "score_threshold", "max_detections", "region")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     score_threshold: float
     max_detections: int
-    def __init__(self, image: _Optional[bytes] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+    region: _common_pb2.Box
+    def __init__(self, image: _Optional[bytes] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., region: _Optional[_Union[_common_pb2.Box, _Mapping]] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
     __slots__ = ("detections", "image_width", "image_height", "model_name", "model_version")

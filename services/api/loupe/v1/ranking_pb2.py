@@ -26,7 +26,7 @@ from loupe.v1 import common_pb2 as loupe_dot_v1_dot_common__pb2
 from loupe.v1 import retrieval_pb2 as loupe_dot_v1_dot_retrieval__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16loupe/v1/ranking.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\x1a\x18loupe/v1/retrieval.proto\"&\n\x0bRankingInfo\x12\x17\n\x0fmetadata_fields\x18\x01 \x03(\t\"\x99\x02\n\x0bRankRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Vector\x12\'\n\ncandidates\x18\x02 \x03(\x0b\x32\x13.loupe.v1.Candidate\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12@\n\x0equery_metadata\x18\x04 \x03(\x0b\x32(.loupe.v1.RankRequest.QueryMetadataEntry\x12(\n\x07vectors\x18\x05 \x01(\x0b\x32\x17.loupe.v1.PackedVectors\x1a\x45\n\x12QueryMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"+\n\x0cRankResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.loupe.v1.Hit2\x85\x01\n\x0eRankingService\x12\x35\n\x04Rank\x12\x15.loupe.v1.RankRequest\x1a\x16.loupe.v1.RankResponse\x12<\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x15.loupe.v1.RankingInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16loupe/v1/ranking.proto\x12\x08loupe.v1\x1a\x15loupe/v1/common.proto\x1a\x18loupe/v1/retrieval.proto\"&\n\x0bRankingInfo\x12\x17\n\x0fmetadata_fields\x18\x01 \x03(\t\"\xae\x02\n\x0bRankRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Vector\x12\'\n\ncandidates\x18\x02 \x03(\x0b\x32\x13.loupe.v1.Candidate\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12@\n\x0equery_metadata\x18\x04 \x03(\x0b\x32(.loupe.v1.RankRequest.QueryMetadataEntry\x12(\n\x07vectors\x18\x05 \x01(\x0b\x32\x17.loupe.v1.PackedVectors\x12\x13\n\x0bquery_label\x18\x06 \x01(\t\x1a\x45\n\x12QueryMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.loupe.v1.Value:\x02\x38\x01\"+\n\x0cRankResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.loupe.v1.Hit2\x85\x01\n\x0eRankingService\x12\x35\n\x04Rank\x12\x15.loupe.v1.RankRequest\x1a\x16.loupe.v1.RankResponse\x12<\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x15.loupe.v1.RankingInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKINGINFO']._serialized_start=85
   _globals['_RANKINGINFO']._serialized_end=123
   _globals['_RANKREQUEST']._serialized_start=126
-  _globals['_RANKREQUEST']._serialized_end=407
-  _globals['_RANKREQUEST_QUERYMETADATAENTRY']._serialized_start=338
-  _globals['_RANKREQUEST_QUERYMETADATAENTRY']._serialized_end=407
-  _globals['_RANKRESPONSE']._serialized_start=409
-  _globals['_RANKRESPONSE']._serialized_end=452
-  _globals['_RANKINGSERVICE']._serialized_start=455
-  _globals['_RANKINGSERVICE']._serialized_end=588
+  _globals['_RANKREQUEST']._serialized_end=428
+  _globals['_RANKREQUEST_QUERYMETADATAENTRY']._serialized_start=359
+  _globals['_RANKREQUEST_QUERYMETADATAENTRY']._serialized_end=428
+  _globals['_RANKRESPONSE']._serialized_start=430
+  _globals['_RANKRESPONSE']._serialized_end=473
+  _globals['_RANKINGSERVICE']._serialized_start=476
+  _globals['_RANKINGSERVICE']._serialized_end=609
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ class RankingInfo(_message.Message):
     def __init__(self, metadata_fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("query", "candidates", "top_k", "query_metadata", "vectors")
+    __slots__ = ("query", "candidates", "top_k", "query_metadata", "vectors", "query_label")
     class QueryMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,12 +28,14 @@ class RankRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     QUERY_METADATA_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_LABEL_FIELD_NUMBER: _ClassVar[int]
     query: _common_pb2.Vector
     candidates: _containers.RepeatedCompositeFieldContainer[_retrieval_pb2.Candidate]
     top_k: int
     query_metadata: _containers.MessageMap[str, _common_pb2.Value]
     vectors: _common_pb2.PackedVectors
-    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[_retrieval_pb2.Candidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., query_metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., vectors: _Optional[_Union[_common_pb2.PackedVectors, _Mapping]] = ...) -> None: ...
+    query_label: str
+    def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[_retrieval_pb2.Candidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., query_metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., vectors: _Optional[_Union[_common_pb2.PackedVectors, _Mapping]] = ..., query_label: _Optional[str] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("hits",)

@@ -302,7 +302,7 @@ class RetrievalSearchRequest(_message.Message):
     def __init__(self, query: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., limit: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ..., whole_images_only: _Optional[bool] = ..., catalog: _Optional[str] = ..., distinct_items: _Optional[bool] = ..., raw_vectors: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("item_id", "object_index", "box", "label", "ann_score", "vector", "metadata", "content_hash")
+    __slots__ = ("item_id", "object_index", "box", "label", "ann_score", "vector", "metadata", "content_hash", "item_labels")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +318,7 @@ class Candidate(_message.Message):
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ITEM_LABELS_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     object_index: int
     box: _common_pb2.Box
@@ -326,7 +327,8 @@ class Candidate(_message.Message):
     vector: _common_pb2.Vector
     metadata: _containers.MessageMap[str, _common_pb2.Value]
     content_hash: str
-    def __init__(self, item_id: _Optional[str] = ..., object_index: _Optional[int] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., label: _Optional[str] = ..., ann_score: _Optional[float] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., content_hash: _Optional[str] = ...) -> None: ...
+    item_labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., object_index: _Optional[int] = ..., box: _Optional[_Union[_common_pb2.Box, _Mapping]] = ..., label: _Optional[str] = ..., ann_score: _Optional[float] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., metadata: _Optional[_Mapping[str, _common_pb2.Value]] = ..., content_hash: _Optional[str] = ..., item_labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RetrievalSearchResponse(_message.Message):
     __slots__ = ("candidates", "vectors")
