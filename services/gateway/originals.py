@@ -40,7 +40,9 @@ class OriginalsStore:
             raise OriginalsError("no originals store URI")
         self.uri = uri
         try:
-            fs, root = url_to_fs(uri)
+            # Its own instance: fsspec's shared one keeps the endpoint and credentials it was
+            # first made with, whatever the environment says now.
+            fs, root = url_to_fs(uri, skip_instance_cache=True)
         except (ImportError, ValueError) as error:
             raise OriginalsError(f"originals store {uri}: {error}") from None
         self.fs: Any = fs
