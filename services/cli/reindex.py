@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -182,8 +183,8 @@ class Reindex:
             + "\n"
         )
         self.failures.flush()
-        if self.bar is not None and not self.args.quiet:
-            self.bar.write(f"missing {item.item_id}: {why}", file=sys.stderr)
+        # Also with --quiet (no bar): in a Job, the log may be all that is left of the file.
+        tqdm.write(f"missing {item.item_id}: {why}", file=sys.stderr)
 
     async def image_of(
         self, fetcher: manifest.Fetcher, item: retrieval_pb2.ListedItem
@@ -463,10 +464,9 @@ async def reindex(
         listed_catalogs = await stub.ListCatalogs(gateway_pb2.ListCatalogsRequest())
         items = next((c.items for c in listed_catalogs.catalogs if c.name == args.catalog), 0)
         total = int(items) // (shard.count if shard else 1) or None
-    failures_path = Path(args.failures) if args.failures else default_failures(args, data_dir)
-    failures_path.parent.mkdir(parents=True, exist_ok=True)
+    failures, failures_path = open_failures(args, data_dir)
     started = time.perf_counter()
-    with failures_path.open("w") as failures:
+    with failures:
         job = Reindex(args, stub, model, store, failures, shard)
         await job.walk(total)
         left = await job.unmatched()
@@ -520,9 +520,28 @@ async def reindex(
     return 1 if left else 0
 
 
-def default_failures(args: argparse.Namespace, data_dir: Path) -> Path:
+def open_failures(args: argparse.Namespace, data_dir: Path) -> tuple[IO[str], Path]:
+    """--failures, else DATA_DIR/reindex/CATALOG[-shardIofN].failures.jsonl, else (where the
+    data dir cannot be written, as in a container with a read-only root) the same name in the
+    temporary folder."""
+    if args.failures:
+        path = Path(args.failures)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path.open("w"), path
+        except OSError as error:
+            raise UsageError(f"--failures {path}: {error.strerror or error}") from None
     suffix = f"-shard{args.shard.replace('/', 'of')}" if args.shard else ""
-    return data_dir / "reindex" / f"{args.catalog or 'default'}{suffix}.failures.jsonl"
+    name = f"{args.catalog or 'default'}{suffix}.failures.jsonl"
+    path = data_dir / "reindex" / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("w"), path
+    except OSError as error:
+        fallback = Path(tempfile.gettempdir()) / "loupe-reindex" / name
+        say(f"loupe reindex: cannot write {path} ({error.strerror or error}); using {fallback}")
+        fallback.parent.mkdir(parents=True, exist_ok=True)
+        return fallback.open("w"), fallback
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

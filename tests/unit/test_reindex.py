@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,3 +343,24 @@ def test_sources_and_originals_on_s3(
         assert reindex(address, tmp_path, "--model", "embedder_gem3:1") == 0
     assert fake.actions[-1] == "SWITCH"
     assert {r.item_id: r.image for r in fake.sent} == files
+
+
+def test_failures_go_to_the_temporary_folder_when_the_data_dir_is_read_only(
+    gateway: tuple[FakeGateway, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As in the chart's Jobs (read-only root, a /tmp emptyDir): not a traceback."""
+    fake, address = gateway
+    (tmp_path / "item03.jpg").unlink()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    # Its reindex folder cannot be made (root may write anywhere, so a file stands in the way).
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reindex").write_text("not a folder")
+    code = reindex(address, tmp_path, "--model", "embedder_gem3:1")
+    assert code == 1 and "SWITCH" not in fake.actions
+    written = tmp_path / "tmp" / "loupe-reindex" / "c.failures.jsonl"
+    assert [json.loads(line)["item_id"] for line in written.read_text().splitlines()] == ["item03"]
+    err = capsys.readouterr().err
+    assert f"using {written}" in err and "missing item03: " in err  # logged with --quiet too
