@@ -185,6 +185,9 @@ def test_scored_reports_per_category_and_no_figures_without_queries() -> None:
     assert report["queries"] == 2 and report["skipped_queries"] == 2
     assert report["map"] == pytest.approx((1 + 0.5 / 2) / 2)
     assert report["chance_map"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    scored.add([True, False], 2, 5, 0.020, 1)
+    # APs 1 and 0.5 for person, 0.25 for category 2: a mean of 0.75 and 0.25.
+    assert scored.report({})["category_map"] == pytest.approx((0.75 + 0.25) / 2)
     assert report["latency_ms_median"] == pytest.approx(20.0)
     assert report["ap_by_category"] == {
         "2": {"queries": 1, "map": 0.25},
