@@ -307,6 +307,7 @@ class Reindex:
                 if catch_up:
                     if done or item.item_id in self.tally.missing:
                         continue
+                    self.tally.listed += 1  # new since the first pass listed the catalogue
                 else:
                     self.tally.listed += 1
                     if done:
@@ -419,6 +420,7 @@ async def run(args: argparse.Namespace) -> int:
     from services.cli import manifest
 
     shard = manifest.parse_shard(args.shard) if args.shard else None
+    model = model_id(args.model) if args.model else ""
     data_dir = Path(args.data_dir)
     address = gateway_address(args.gateway, data_dir)
     async with channel(address, api_key(args.api_key, address, data_dir), data_dir=data_dir) as ch:
@@ -430,7 +432,7 @@ async def run(args: argparse.Namespace) -> int:
                     say(f"loupe reindex: {DONE[chosen[0]]} {binding_text(record.live)}")
                 print_record(record, args.json)
                 return 0
-            return await reindex(args, stub, model_id(args.model), shard, data_dir)
+            return await reindex(args, stub, model, shard, data_dir)
         except grpc.aio.AioRpcError as error:
             from services.cli.main import rpc_failure
 

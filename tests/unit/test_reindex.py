@@ -364,3 +364,21 @@ def test_failures_go_to_the_temporary_folder_when_the_data_dir_is_read_only(
     assert [json.loads(line)["item_id"] for line in written.read_text().splitlines()] == ["item03"]
     err = capsys.readouterr().err
     assert f"using {written}" in err and "missing item03: " in err  # logged with --quiet too
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["c"], "give --model"),
+        (["c", "--rollback", "--model", "x"], "takes no --model"),
+        (["c", "--status", "--abort"], "give one of"),
+        (["c", "--model", "x:y"], "NAME:VERSION"),
+        (["c", "--model", "x", "--shard", "3/2"], "0 <= I < N"),
+    ],
+)
+def test_bad_usage_is_refused_before_any_call(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (port,) = free_ports(1)  # nothing listens there: a call would fail with exit status 1
+    assert main(["reindex", *args, "--gateway", f"127.0.0.1:{port}", "--api-key", "k"]) == 2
+    assert message in capsys.readouterr().err
