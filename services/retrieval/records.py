@@ -21,6 +21,7 @@ adopted without a rewrite), re-indexes make PREFIX__NAME__gN (catalogue names ho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -196,6 +197,7 @@ class CatalogRecords:
         # next refresh.
         self._derived: dict[str, Record] = {}
         self._read_at = -math.inf
+        self._exported: set[tuple[str, str, str]] = set()
         self._reading: asyncio.Lock | None = None
         self.lock = asyncio.Lock()
 
@@ -260,7 +262,16 @@ class CatalogRecords:
         self._export()
 
     def _export(self) -> None:
-        CATALOG_MODEL_INFO.clear()
-        for record in self._records.values():
-            for role, binding in record.bindings():
-                CATALOG_MODEL_INFO.labels(record.catalog, binding.embedder, role).set(1)
+        """Set the current series and remove the stale ones only (never clear all: a scrape
+        in between would see none, and an alert on them would flap)."""
+        current = {
+            (record.catalog, binding.embedder, role)
+            for record in self._records.values()
+            for role, binding in record.bindings()
+        }
+        for labels in self._exported - current:
+            with contextlib.suppress(KeyError):  # removed already (another store, in tests)
+                CATALOG_MODEL_INFO.remove(*labels)
+        for labels in current:
+            CATALOG_MODEL_INFO.labels(*labels).set(1)
+        self._exported = current
