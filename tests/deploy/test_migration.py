@@ -140,7 +140,7 @@ def test_the_shard_job_is_indexed_and_never_switches() -> None:
     assert args[:3] == ["products", "--model", CI_MIGRATION["model"]]
     assert args[args.index("--shard") + 1] == f"$(JOB_COMPLETION_INDEX)/{shards}"
     assert args[args.index("--gateway") + 1] == GATEWAY
-    assert "--no-switch" in args
+    assert "--no-switch" in args and "--quiet" in args
     assert "--allow-missing" not in args, "a shard exits 1 for missing items either way"
     assert args[-2:] == CI_MIGRATION["extraArgs"]
     env = env_of(container)
