@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -58,6 +58,8 @@ from services.gateway.validation import (
 
 log = logging.getLogger(__name__)
 NO_DETECTOR = "-"
+# Item ids per Lookup (retrieval's limit per call).
+LOOKUP_IDS = 1000
 # Items per coalesced call to retrieval (coalescing.py), and how long an item of a stream
 # waits for others to be written with.
 COALESCED_ITEMS = 256
@@ -391,7 +393,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # flagged degraded and never cached, so the full answer follows once it is back.
         degraded: set[str] = set()
         detector = NO_DETECTOR
-        if request.objects and query == "image":
+        # A crop's label comes from detecting its image (settings.query_labels).
+        crop_label = query == "image" and request.HasField("crop") and self.settings.query_labels
+        if (request.objects or crop_label) and query == "image":
             try:
                 detector = await self.backends.model_info("detection", context)
             except RequestError as error:
@@ -423,10 +427,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 return response
             CACHE_MISSES.labels("search").inc()
 
+        query_label = ""
         if query == "image":
             main_vector, object_queries = await self._image_query(
                 request, image_hash, embedder, detector, degraded, context
             )
+            if crop_label and detector != NO_DETECTOR:
+                query_label = await self._crop_label(request, degraded, context)
             exclude: list[str] = []
             query_metadata = dict(request.context_metadata)
         else:
@@ -458,6 +465,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 context,
                 same_bytes_first=image_hash if whole else "",
                 model=embedder,
+                query_label=query_label,
             )
         ]
         searches += [
@@ -472,8 +480,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 degraded,
                 context,
                 model=embedder,
+                query_label=detection.label if self.settings.query_labels else "",
             )
-            for _, vector in object_queries
+            for detection, vector in object_queries
         ]
         results = await asyncio.gather(*searches)
         response.results.extend(results[0])
@@ -524,7 +533,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         when detection fails: the answer is then degraded)."""
         objects: list[tuple[common_pb2.Detection, common_pb2.Vector]] = []
         whole_vector = None
-        if detector != NO_DETECTOR:
+        if detector != NO_DETECTOR and request.objects:
             try:
                 item, _ = await self._image_vectors(
                     request.image,
@@ -578,6 +587,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
         same_bytes_first: str = "",
         model: str = "",
+        query_label: str = "",
     ) -> list[common_pb2.Hit]:
         """Candidates, then ranking. Items stored with the content hash `same_bytes_first` come
         first: query expansion and DBA rank by neighbourhoods, which can put a close sibling
@@ -601,6 +611,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     catalog=catalog,
                     whole_images_only=whole_images_only,
                     distinct_items=not whole_images_only,
+                    raw_vectors=not whole_images_only and self.settings.object_search_raw_vectors,
                     # The query's vector space: retrieval searches the collection bound to it.
                     model=model,
                 ),
@@ -608,6 +619,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         if not found.candidates:
             return []
+        item_labels = (
+            await self._item_labels(found.candidates, catalog, model, context)
+            if query_label
+            else {}
+        )
         try:
             fields = await self.backends.ranking_fields(context)
             with stage("rank"):
@@ -616,10 +632,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     self.backends.ranking.Rank,
                     ranking_pb2.RankRequest(
                         query=vector,
-                        candidates=[_for_ranking(c, fields) for c in found.candidates],
+                        candidates=[
+                            _for_ranking(c, fields, item_labels.get(c.item_id, ()))
+                            for c in found.candidates
+                        ],
                         vectors=found.vectors,
                         top_k=top_k,
                         query_metadata=_only(query_metadata, fields),
+                        query_label=query_label,
                     ),
                     context,
                 )
@@ -1055,6 +1075,81 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         return found.items[0]
 
+    async def _crop_label(
+        self,
+        request: gateway_pb2.SearchRequest,
+        degraded: set[str],
+        context: grpc.aio.ServicerContext,
+    ) -> str:
+        """The label of the detection of the query's image that best overlaps its crop (IoU
+        at least settings.query_label_iou); failing that (settings.crop_detection), the best
+        detection within the crop; "" when there is none or detection failed (the answer is
+        then degraded). The image's own detections come first: seen in context, they are
+        labelled right more often than the crop alone (tools/objects_offline.py)."""
+        try:
+            with stage("detect"):
+                found = await self.backends.call(
+                    "detection",
+                    self.backends.detection.Detect,
+                    detection_pb2.DetectRequest(image=request.image),
+                    context,
+                )
+                # Detections come best first: of equal overlaps (one box kept for two
+                # classes), the likelier label.
+                best, label = 0.0, ""
+                for detection in found.detections:
+                    overlap = _iou(detection.box, request.crop)
+                    if overlap > best:
+                        best, label = overlap, detection.label
+                if best >= self.settings.query_label_iou:
+                    return label
+                if not self.settings.crop_detection:
+                    return ""
+                within = await self.backends.call(
+                    "detection",
+                    self.backends.detection.Detect,
+                    detection_pb2.DetectRequest(image=request.image, region=request.crop),
+                    context,
+                )
+        except RequestError as error:
+            if error.backend != "detection":
+                raise
+            degraded.add("detection")
+            return ""
+        return within.detections[0].label if within.detections else ""
+
+    async def _item_labels(
+        self,
+        candidates: Sequence[retrieval_pb2.Candidate],
+        catalog: str,
+        model: str,
+        context: grpc.aio.ServicerContext,
+    ) -> dict[str, list[str]]:
+        """Each candidate item's object labels: retrieval's candidates carry only their own
+        row's, and an item whose whole image wins for a crop may hold the object too."""
+        ids = list(dict.fromkeys(c.item_id for c in candidates))
+        with stage("lookup"):
+            replies = await asyncio.gather(
+                *(
+                    self.backends.call(
+                        "retrieval",
+                        self.backends.retrieval.Lookup,
+                        retrieval_pb2.LookupRequest(
+                            item_ids=retrieval_pb2.ItemIds(ids=ids[start : start + LOOKUP_IDS]),
+                            catalog=catalog,
+                            model=model,
+                        ),
+                        context,
+                    )
+                    for start in range(0, len(ids), LOOKUP_IDS)
+                )
+            )
+        return {
+            item.item_id: sorted({o.label for o in item.objects if o.object_index > 0})
+            for reply in replies
+            for item in reply.items
+        }
+
     @staticmethod
     def _detection_of(stored: retrieval_pb2.StoredObject) -> common_pb2.Detection:
         return common_pb2.Detection(
@@ -1087,6 +1182,16 @@ def _unranked(
     )
 
 
+def _iou(a: common_pb2.Box, b: common_pb2.Box) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def _only(
     metadata: dict[str, common_pb2.Value], fields: set[str] | None
 ) -> dict[str, common_pb2.Value]:
@@ -1097,15 +1202,20 @@ def _only(
 
 
 def _for_ranking(
-    candidate: retrieval_pb2.Candidate, fields: set[str] | None
+    candidate: retrieval_pb2.Candidate,
+    fields: set[str] | None,
+    item_labels: Sequence[str] = (),
 ) -> retrieval_pb2.Candidate:
-    """What ranking needs of a candidate: its row, its index score and the metadata its
-    signals read (its vector travels in the packed matrix beside the list)."""
+    """What ranking needs of a candidate: its row, its index score, the metadata its
+    signals read (its vector travels in the packed matrix beside the list), and for a
+    query with a label, its row's and its item's object labels."""
     return retrieval_pb2.Candidate(
         item_id=candidate.item_id,
         object_index=candidate.object_index,
         ann_score=candidate.ann_score,
         metadata=_only(dict(candidate.metadata), fields),
+        label=candidate.label,
+        item_labels=item_labels,
     )
 
 

@@ -577,6 +577,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServiceServicer):
             request.limit,
             expression,
             distinct_items=request.distinct_items,
+            raw=request.raw_vectors,
         )
         response = retrieval_pb2.RetrievalSearchResponse(candidates=[_candidate(r) for r in rows])
         if request.include_vectors and rows:

@@ -454,6 +454,27 @@ def test_indexing_objects_leaves_whole_image_results_unchanged(
         )
     ).results
     assert len({h.item_id for h in crop}) == len(crop)
+    # A crop over a detected object carries the detector's label to ranking: the items that
+    # hold an object of that label, and only they, get the label bonus.
+    labels = {}
+    for image in images:
+        got = stub.Get(gateway_pb2.GetRequest(item_id=image.name, catalog="objects"))
+        labels[image.name] = {o.label for o in got.objects if o.object_index > 0}
+    source = next(
+        (p, o)
+        for p in images
+        for o in stub.Get(gateway_pb2.GetRequest(item_id=p.name, catalog="objects")).objects
+        if o.object_index > 0 and o.box.x1 - o.box.x0 >= 64 and o.box.y1 - o.box.y0 >= 64
+    )
+    by_label = stub.Search(
+        gateway_pb2.SearchRequest(
+            image=source[0].read_bytes(), crop=source[1].box, top_k=20, catalog="objects"
+        )
+    ).results
+    assert by_label
+    for hit in by_label:
+        assert (hit.parts.label > 0) == (source[1].label in labels[hit.item_id]), hit
+    assert any(hit.parts.label > 0 for hit in by_label)
     for catalog in ("plain", "objects"):
         stub.DropCatalog(gateway_pb2.DropCatalogRequest(catalog=catalog))
 
