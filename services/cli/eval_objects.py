@@ -404,6 +404,9 @@ def run(args: argparse.Namespace) -> int:
     except EvalError as error:
         print(f"loupe eval objects: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an image or --json that cannot be read or written
+        print(f"loupe eval objects: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
 
 
 def embedding_address(flag: str | None, gateway: str, data_dir: Path) -> str:
@@ -436,6 +439,8 @@ class Evaluation:
         self.indexed: dict[str, set[str]] = {}  # catalogue -> item ids indexed
         self.whole_vectors: np.ndarray = np.zeros((0, 0), np.float32)
         self.whole_keys: list[str] = []
+        self.whole_set: set[str] = set()
+        self.size_mismatches: list[str] = []  # found by the exact baseline's embedding
         self.model_version = ""  # as the gateway reports it
         self.cached_responses = 0
 
@@ -611,10 +616,20 @@ class Evaluation:
                 tqdm.write(f"not embedded: {image.key}: {error.details()}", file=sys.stderr)
                 return
             vectors[image.key] = list(reply.whole_image.values)
+            # The ground truth's boxes are in the pixels the JSON records; an image the
+            # service sees at another size (an EXIF rotation) would be queried at wrong boxes.
+            if (reply.image_width, reply.image_height) != (image.width, image.height):
+                self.size_mismatches.append(
+                    f"{image.key}: JSON {image.width}x{image.height}, "
+                    f"seen {reply.image_width}x{reply.image_height}"
+                )
 
         await self.each(self.images, one, "exact: gallery")
         self.whole_keys = sorted(vectors)
+        self.whole_set = set(self.whole_keys)
         self.whole_vectors = np.array([vectors[k] for k in self.whole_keys], np.float32)
+        for mismatch in self.size_mismatches[:5]:
+            say(f"warning: image size differs from the JSON: {mismatch}")
 
     async def exact(
         self,
@@ -625,16 +640,17 @@ class Evaluation:
     ) -> None:
         """The crop's vector against every whole-image vector; its latency is the embedding
         call and the scan."""
-        gallery = set(self.whole_keys)
+        gallery = self.whole_set
         relevant = self.relevant(category, image.key, gallery)
         if not relevant or image.key not in gallery:
             scored.skipped += 1
             return
+        data = image.path.read_bytes()
         started = time.perf_counter()
         try:
             reply = await self.embed(
                 embedding_pb2.EmbedRequest(
-                    image=image.path.read_bytes(),
+                    image=data,
                     regions=[common_pb2.Box(x0=box[0], y0=box[1], x1=box[2], y1=box[3])],
                 )
             )
@@ -783,6 +799,7 @@ async def evaluate(args: argparse.Namespace) -> int:
         "model_version": model_version,
         "kept": bool(args.keep),
         "cached_responses": run.cached_responses,
+        "size_mismatches": run.size_mismatches,
         "catalogs": indexes,
         "crops": {c: s.report(coco.category_names) for c, s in results["crops"].items()},
         "lens": {c: s.report(coco.category_names) for c, s in results["lens"].items()},

@@ -72,6 +72,7 @@ def test_eval_objects_measures_every_configuration_and_cleans_up(tmp_path: Path)
     assert report["gallery_images"] == IMAGES and report["top_k"] == 5
     assert report["crop_queries"] == expected_queries > 10
     assert report["model_version"].startswith("embedder/")
+    assert report["size_mismatches"] == [] and report["cached_responses"] == 0
     assert report["catalogs"]["objects"]["rows"] > report["catalogs"]["whole"]["rows"] == IMAGES
     crops = report["crops"]
     assert set(crops) == {"objects", "whole", "exact"}
