@@ -23,9 +23,12 @@ class-agnostic) is scored with that box's category over its own results. It runs
 engine catalogue, and, with exact, the detected box's crop vector against whole-image vectors.
 The gateway searches at most LOUPE_GATEWAY_MAX_QUERY_OBJECTS objects per query image.
 
-Reported per configuration: mAP over the top-k, mAP@100, P@1/5/10, R@10, median and p95
-latency as this client sees it (queries one at a time unless --concurrency), queries scored
-and skipped (no relevant image in the gallery, or an image the service could not read).
+Reported per configuration, as a Markdown table and (--json) with the settings, the
+catalogues' rows, the model version and per-category mAPs: mAP over the top-k, cat mAP (the
+mean of per-category mAPs: on COCO, people are most of the queries), mAP@100, P@1/5/10, R@10,
+chance (the share of the other images that are relevant: about a random order's mAP), median
+and p95 latency as this client sees it (queries one at a time unless --concurrency), queries
+scored and skipped (no relevant image in the gallery, or an image the service could not read).
 Catalogues are dropped after the run unless --keep.
 """
 
