@@ -20,11 +20,17 @@ from loupe.v1 import retrieval_pb2 as r
 from loupe.v1 import retrieval_pb2_grpc
 from services.retrieval.service import RetrievalService
 from tests.support import serving
-from tests.test_retrieval_service import DIM, settings_for
+from tests.test_retrieval_service import DIM, drop, settings_for
 
 OLD, NEW, OTHER = "embedder/1", "embedder_gem3/1", "embedder_int8/1"
 Action = r.MigrateCatalogRequest.Action
 rng = np.random.default_rng(12)
+# The module's collection prefix ("loupe" on milvus-lite, a fresh one on a Milvus server).
+PREFIX = ["loupe"]
+
+
+def collection(key: str, prefix: str = "") -> str:
+    return f"{prefix or PREFIX[0]}__{key}"
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +38,10 @@ def stub(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[retrieval_pb2_grpc.RetrievalServiceStub]:
     settings = settings_for(tmp_path_factory.mktemp("lifecycle"))
+    PREFIX[0] = settings.collection_prefix
     with serving(RetrievalService(settings)) as channel:
         yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
+    drop(settings)
 
 
 def unit(seed: int) -> c.Vector:
@@ -106,6 +114,49 @@ def refused(call: object, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECOND
     return str(error.value.details())
 
 
+# First in the file: on a Milvus server, pymilvus shares one connection per URI, and the
+# stores this test opens and closes would close it under the module's service.
+def test_a_catalogue_without_a_record_is_adopted_as_it_is(tmp_path: Path) -> None:
+    """A catalogue made before records existed: its collection is bound to its rows'
+    embedder and kept, not rewritten."""
+    settings = settings_for(tmp_path)
+    with serving(RetrievalService(settings)) as channel:
+        old = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        for k in range(3):
+            old.Upsert(r.UpsertRequest(item=stored(f"old-{k}", OLD, 40 + k), catalog="legacy"))
+    # What the code before records left: the collection, and no record.
+    service = RetrievalService(settings)
+    service.store.open()
+    service.store.write_record("legacy", None)
+    assert "legacy" not in service.store.read_records()
+    service.store.close()
+    with serving(RetrievalService(settings)) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        (stats,) = [
+            s
+            for s in stub.ListCatalogs(r.RetrievalListCatalogsRequest()).catalogs
+            if s.catalog == "legacy"
+        ]
+        assert (stats.record.live.embedder, stats.record.live.collection) == (
+            OLD,
+            collection("legacy", settings.collection_prefix),
+        )
+        assert stats.items == 3
+        assert search(stub, "legacy", 41)[0] == "old-1"
+        refused(lambda: upsert(stub, "legacy", stored("new", NEW, 50)))
+        # It can migrate like any other.
+        assert migrate(stub, "legacy", Action.BEGIN, NEW).next.collection == collection(
+            "legacy__g1", settings.collection_prefix
+        )
+    reopened = RetrievalService(settings)
+    reopened.store.open()
+    try:
+        assert "legacy" in reopened.store.read_records()
+    finally:
+        reopened.store.close()
+        drop(settings)
+
+
 def test_the_first_write_binds_a_catalogue_and_other_models_are_refused(
     stub: retrieval_pb2_grpc.RetrievalServiceStub,
 ) -> None:
@@ -113,7 +164,7 @@ def test_the_first_write_binds_a_catalogue_and_other_models_are_refused(
     upsert(stub, "bound", stored("b", OLD, 2, objects=2), detector="detector/1")
     live = stub.Stats(r.StatsRequest(catalog="bound")).record.live
     assert (live.embedder, live.dimension, live.preprocessing) == (OLD, DIM, "RGB test")
-    assert (live.detector, live.collection) == ("detector/1", "loupe__bound")
+    assert (live.detector, live.collection) == ("detector/1", collection("bound"))
 
     message = refused(lambda: upsert(stub, "bound", stored("c", NEW, 3)))
     assert OLD in message and NEW in message
@@ -142,44 +193,6 @@ def test_catalogue_names_cannot_collide_with_reindex_collections(
     assert "two underscores" in message
 
 
-def test_a_catalogue_without_a_record_is_adopted_as_it_is(tmp_path: Path) -> None:
-    """A catalogue made before records existed: its collection is bound to its rows'
-    embedder and kept, not rewritten."""
-    settings = settings_for(tmp_path)
-    with serving(RetrievalService(settings)) as channel:
-        old = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-        for k in range(3):
-            old.Upsert(r.UpsertRequest(item=stored(f"old-{k}", OLD, 40 + k), catalog="legacy"))
-    # What the code before records left: the collection, and no record.
-    service = RetrievalService(settings)
-    service.store.open()
-    service.store.write_record("legacy", None)
-    assert "legacy" not in service.store.read_records()
-    service.store.close()
-    with serving(RetrievalService(settings)) as channel:
-        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-        (stats,) = [
-            s
-            for s in stub.ListCatalogs(r.RetrievalListCatalogsRequest()).catalogs
-            if s.catalog == "legacy"
-        ]
-        assert (stats.record.live.embedder, stats.record.live.collection) == (
-            OLD,
-            "loupe__legacy",
-        )
-        assert stats.items == 3
-        assert search(stub, "legacy", 41)[0] == "old-1"
-        refused(lambda: upsert(stub, "legacy", stored("new", NEW, 50)))
-        # It can migrate like any other.
-        assert migrate(stub, "legacy", Action.BEGIN, NEW).next.collection == "loupe__legacy__g1"
-    reopened = RetrievalService(settings)
-    reopened.store.open()
-    try:
-        assert "legacy" in reopened.store.read_records()
-    finally:
-        reopened.store.close()
-
-
 def test_a_migration_begins_switches_rolls_back_and_drops(
     stub: retrieval_pb2_grpc.RetrievalServiceStub,
 ) -> None:
@@ -192,7 +205,7 @@ def test_a_migration_begins_switches_rolls_back_and_drops(
 
     record = migrate(stub, catalog, Action.BEGIN, NEW)
     assert (record.live.embedder, record.next.embedder) == (OLD, NEW)
-    assert record.next.collection == f"loupe__{catalog}__g1"
+    assert record.next.collection == collection(f"{catalog}__g1")
     assert migrate(stub, catalog, Action.BEGIN, NEW) == record  # a resumed re-index
     assert OLD in refused(lambda: migrate(stub, catalog, Action.BEGIN, OTHER))
 
@@ -246,7 +259,7 @@ def test_a_migration_begins_switches_rolls_back_and_drops(
 
     # Begin again and abort: the next collection goes, the live one stays.
     record = migrate(stub, catalog, Action.BEGIN, OTHER)
-    assert record.next.collection == f"loupe__{catalog}__g2"
+    assert record.next.collection == collection(f"{catalog}__g2")
     record = migrate(stub, catalog, Action.ABORT)
     assert not record.HasField("next") and record.live.embedder == NEW
     assert migrate(stub, catalog, Action.STATUS) == record
@@ -271,4 +284,4 @@ def test_dropping_a_catalogue_drops_every_collection_and_its_record(
     # A new catalogue of that name starts afresh, bound by its first write.
     upsert(stub, "gone", stored("b", NEW, 301))
     record = migrate(stub, "gone", Action.STATUS)
-    assert (record.live.embedder, record.live.collection) == (NEW, "loupe__gone")
+    assert (record.live.embedder, record.live.collection) == (NEW, collection("gone"))
