@@ -7,6 +7,8 @@ both; MigrateCatalog moves a catalogue between collections (records.py).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,3 +287,41 @@ def test_dropping_a_catalogue_drops_every_collection_and_its_record(
     upsert(stub, "gone", stored("b", NEW, 301))
     record = migrate(stub, "gone", Action.STATUS)
     assert (record.live.embedder, record.live.collection) == (NEW, collection("gone"))
+
+
+def test_a_reader_replica_follows_a_switch_without_failing_a_search(tmp_path: Path) -> None:
+    """The writer switches; a reader replica of the same Milvus answers every search
+    throughout: searches naming either model are routed (a model it does not know yet makes
+    it re-read the records at once), and a search naming none follows the switch within
+    LOUPE_RETRIEVAL_CATALOG_REFRESH_SECONDS."""
+    settings = settings_for(tmp_path)
+    with serving(RetrievalService(settings)) as writer_channel:
+        writer = retrieval_pb2_grpc.RetrievalServiceStub(writer_channel)
+        for k in range(3):
+            upsert(writer, "shared", stored(f"s{k}", OLD, 500 + k))
+        reader_settings = dataclasses.replace(settings, role="reader", catalog_refresh_seconds=1.0)
+        with serving(RetrievalService(reader_settings)) as reader_channel:
+            reader = retrieval_pb2_grpc.RetrievalServiceStub(reader_channel)
+            assert search(reader, "shared", 501)[0] == "s1"
+            migrate(writer, "shared", Action.BEGIN, NEW)
+            upsert(writer, "shared", stored("s1", NEW, 601), if_live="hash-s1")
+            # Names a model the reader has not seen bound yet: it re-reads, then answers.
+            assert search(reader, "shared", 601, model=NEW) == ["s1"]
+            started = time.monotonic()
+            migrate(writer, "shared", Action.SWITCH)
+            switched = time.monotonic()
+            seen, searches = None, 0
+            while time.monotonic() - switched < 5:
+                assert search(reader, "shared", 501, model=OLD)[0] == "s1"  # previous
+                live = search(reader, "shared", 601)
+                searches += 1
+                if live == ["s1"] and seen is None:
+                    seen = time.monotonic() - switched
+                    break
+            assert seen is not None and seen <= reader_settings.catalog_refresh_seconds + 0.5
+            print(
+                f"switch: {1000 * (switched - started):.0f} ms at the writer; a reader "
+                f"searched the new collection {1000 * seen:.0f} ms later "
+                f"({searches} searches meanwhile, none failed)"
+            )
+    drop(settings)
