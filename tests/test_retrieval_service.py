@@ -843,7 +843,9 @@ def test_batch_augmentation_pages_through_the_index(
     with serving(RetrievalService(settings)) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         for k, values in enumerate(embedded):
-            stored = r.StoredItem(item_id=f"page-{k:02d}", content_hash=f"p{k}", model_version="test-1")
+            stored = r.StoredItem(
+                item_id=f"page-{k:02d}", content_hash=f"p{k}", model_version="test-1"
+            )
             stored.objects.add(object_index=0, vector=c.Vector(values=values.tolist()))
             stub.Upsert(r.UpsertRequest(item=stored))
         assert stub.Augment(r.AugmentRequest()).items == 40
