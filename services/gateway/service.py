@@ -715,20 +715,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         model only. Acknowledged when every write is done."""
         generation = await self.cache.generation(catalog)
         targets = await self._index_targets(request, catalog, generation, context)
-        first_model, first_info = targets[0]
-        response = await self._index_with(
-            request, catalog, content_hash, first_model, first_info, detector, context, bulk
-        )
-        if len(targets) == 1 or not response.indexed:
-            return response
-        others = await asyncio.gather(
-            *(
-                self._index_with(
-                    request, catalog, content_hash, model, info, detector, context, bulk
-                )
-                for model, info in targets[1:]
+
+        async def write(target: tuple[str, common_pb2.ModelInfo]) -> gateway_pb2.IndexResponse:
+            model, info = target
+            return await self._index_with(
+                request, catalog, content_hash, model, info, detector, context, bulk
             )
-        )
+
+        if len(targets) == 1:
+            return await write(targets[0])
+        if request.skip_duplicates:
+            # Whether the item is written at all is the live collection's answer (a duplicate
+            # found there): the others follow it.
+            response = await write(targets[0])
+            if not response.indexed:
+                return response
+            others = await asyncio.gather(*(write(target) for target in targets[1:]))
+        else:
+            # Each collection independently, at once: a write during a migration costs one
+            # embedding time more in CPU, not in latency.
+            response, *others = await asyncio.gather(*(write(target) for target in targets))
         response.indexed = all(r.indexed for r in others)
         response.unchanged = response.unchanged and all(r.unchanged for r in others)
         response.embedding_cached = response.embedding_cached and all(
