@@ -707,6 +707,16 @@ def test_searches_are_degraded_not_failed_while_detection_or_ranking_is_down(
         plain = gateway.Search(gateway_pb2.SearchRequest(image=image(2), top_k=5), timeout=30)
         assert not plain.degraded
         assert [h.item_id for h in answer.results] == [h.item_id for h in plain.results]
+        # A crop search loses only the label detection would give it, and says so.
+        crop = gateway.Search(
+            gateway_pb2.SearchRequest(
+                image=image(2), crop=common_pb2.Box(x0=0, y0=0, x1=40, y1=40), top_k=5
+            ),
+            timeout=30,
+        )
+        assert crop.degraded and list(crop.degraded_reasons) == ["detection"]
+        assert len(crop.results) == 5 and not crop.cached
+        assert all(h.parts.label == 0 for h in crop.results)
         # A cached full answer is still a full answer.
         assert search(1).cached and not search(1).degraded
 
@@ -737,7 +747,7 @@ def test_searches_are_degraded_not_failed_while_detection_or_ranking_is_down(
         reason: sample("loupe_gateway_degraded_responses_total", reason=reason) - before
         for reason, before in degraded_before.items()
     }
-    assert degraded == {"detection": 5, "ranking": 2}
+    assert degraded == {"detection": 6, "ranking": 2}
 
 
 def test_the_cli_says_an_answer_is_degraded() -> None:

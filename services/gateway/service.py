@@ -429,11 +429,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         query_label = ""
         if query == "image":
-            main_vector, object_queries = await self._image_query(
-                request, image_hash, embedder, detector, degraded, context
+            # The crop's label is detected while the crop is embedded.
+            labelled = (
+                asyncio.ensure_future(self._crop_label(request, degraded, context))
+                if crop_label and detector != NO_DETECTOR
+                else None
             )
-            if crop_label and detector != NO_DETECTOR:
-                query_label = await self._crop_label(request, degraded, context)
+            try:
+                main_vector, object_queries = await self._image_query(
+                    request, image_hash, embedder, detector, degraded, context
+                )
+            except BaseException:
+                if labelled is not None:
+                    labelled.cancel()
+                raise
+            if labelled is not None:
+                query_label = await labelled
             exclude: list[str] = []
             query_metadata = dict(request.context_metadata)
         else:
