@@ -33,7 +33,7 @@ from prometheus_client import Gauge
 
 from loupe.v1 import retrieval_pb2
 from services.retrieval.settings import RetrievalSettings
-from services.retrieval.store import CatalogNotFound, MilvusStore
+from services.retrieval.store import MILVUS_ERRORS, CatalogNotFound, MilvusStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,17 @@ class CatalogRecords:
         async with self._reading:
             if self._read_at >= started:  # another caller read them meanwhile
                 return
-            raw = await asyncio.to_thread(self._store.read_records)
+            try:
+                raw = await asyncio.to_thread(self._store.read_records)
+            except (StoreUnavailable, *MILVUS_ERRORS) as error:
+                if self._read_at == -math.inf:
+                    raise
+                # The records this replica holds stand until Milvus answers again (the
+                # writer's own are current: it changes them): the request goes on to fail, or
+                # not, on its own call to Milvus, as it did before records existed.
+                log.warning("catalogue records not re-read", extra={"reason": str(error)})
+                self._read_at = time.monotonic()
+                return
             self._records = {c: Record.from_json(text) for c, text in raw.items()}
             self._derived = {}
             self._read_at = time.monotonic()
