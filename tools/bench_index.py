@@ -94,13 +94,13 @@ def raw_detector(options: object) -> Callable[[bytes], object]:
     settings = service.settings
 
     def detect(data: bytes) -> object:
-        _, decoded, letterboxed = service._prepare(data)
+        _, view, letterboxed = service._prepare(data)
         (output,) = session.run(None, {service.spec.inputs[0].name: letterboxed.tensor})
         return service.decoder(
             output,
             ratio=letterboxed.ratio,
-            image_width=decoded[0],
-            image_height=decoded[1],
+            image_width=view.width,
+            image_height=view.height,
             score_threshold=settings.score_threshold,
             iou_threshold=settings.nms_iou,
             max_detections=settings.max_detections,

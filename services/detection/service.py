@@ -151,7 +151,7 @@ class DetectionService(ServesModel, detection_pb2_grpc.DetectionServiceServicer)
         )
 
     def _prepare(
-        self, data: bytes, region: PixelBox | None
+        self, data: bytes, region: PixelBox | None = None
     ) -> tuple[tuple[int, int], View, Letterboxed]:
         prepared = self._letterbox(data, region)
         # The decoded pixels were freed when _letterbox returned.
