@@ -438,8 +438,11 @@ def _launch(data_dir: Path, existing: StackState | None, running: set[str]) -> L
     env.pop("LOUPE_API_KEY", None)
     env.setdefault("LOUPE_DATA_DIR", str(data_dir))
     # IndexRequest.keep_original keeps images here unless the environment names another store
-    # (an empty value turns the store off).
+    # (an empty value turns the store off); so do items indexed without a source, so that a
+    # local catalogue can always move to another model (loupe reindex).
     env.setdefault("LOUPE_ORIGINALS_URI", str(data_dir / "originals"))
+    if env["LOUPE_ORIGINALS_URI"]:
+        env.setdefault("LOUPE_ORIGINALS_KEEP", "unsourced")
     env["LOUPE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     env["LOUPE_REDIS_PASSWORD"] = redis_password
     if auth == "keys":

@@ -696,7 +696,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.image:
             raise invalid("image is empty")
         content_hash = content_hash_of(request.image)
-        if request.keep_original:
+        if self._keeps_original(request):
             await self._keep_original(request.image, content_hash)
         detector = (
             await self.backends.model_info("detection", context) if request.detect else NO_DETECTOR
@@ -876,6 +876,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if written.written:
             ITEMS_INDEXED.inc()
         return response
+
+    def _keeps_original(self, request: gateway_pb2.IndexRequest) -> bool:
+        """Whether this item's bytes go to the originals store (LOUPE_ORIGINALS_KEEP): asked
+        for, or by policy: an item without a source can be re-embedded only from them."""
+        keep = self.settings.originals_keep
+        return (
+            request.keep_original
+            or keep == "always"
+            or (keep == "unsourced" and not request.source_uri)
+        )
 
     async def _keep_original(self, image: bytes, content_hash: str) -> None:
         """Keep the bytes in the originals store before anything is written: an item that is

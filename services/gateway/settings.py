@@ -16,6 +16,7 @@ from services.common.config import (
 
 AUTH_MODES = ("keys", "open")
 LB_POLICIES = ("round_robin", "pick_first")
+ORIGINALS_KEEP = ("request", "unsourced", "always")
 # gRPC refuses a retry policy of more than 5 attempts (it would cap it silently).
 MAX_RETRY_ATTEMPTS = 5
 
@@ -75,6 +76,10 @@ class GatewaySettings:
     # fsspec URI such as s3://bucket/prefix, services/gateway/originals.py); empty: no store,
     # and keep_original is refused.
     originals_uri: str = ""
+    # LOUPE_ORIGINALS_KEEP: which items' bytes are kept there. "request": those indexed with
+    # keep_original; "unsourced": those too, and every item indexed without a source_uri (so
+    # that every item can be embedded again by another model); "always": every item.
+    originals_keep: str = "request"
     # Crop and object searches (docs/quality.md, "Objects: what each change adds"): the
     # query's detected label goes to ranking's same-label bonus (a crop's label: the
     # detection of its image overlapping it with IoU >= query_label_iou), and candidates are
@@ -154,7 +159,14 @@ class GatewaySettings:
                 "LOUPE_GATEWAY_BREAKER_HALF_OPEN_CALLS", 1, minimum=1, maximum=1000
             ),
             originals_uri=env_str("LOUPE_ORIGINALS_URI", ""),
+            originals_keep=env_str("LOUPE_ORIGINALS_KEEP", "request", choices=ORIGINALS_KEEP),
         )
+        if settings.originals_keep != "request" and not settings.originals_uri:
+            raise ConfigError(
+                f"LOUPE_ORIGINALS_KEEP={settings.originals_keep} needs an originals store: set "
+                "LOUPE_ORIGINALS_URI (a folder, or s3://bucket/prefix), or "
+                "LOUPE_ORIGINALS_KEEP=request"
+            )
         if settings.originals_uri:
             from services.gateway.originals import OriginalsError, OriginalsStore
 

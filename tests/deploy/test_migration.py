@@ -103,6 +103,8 @@ def test_nothing_of_a_migration_by_default() -> None:
             "services.embedding.env.LOUPE_EMBEDDING_MODEL: set the models with models.",
         ),
         (("models.extraEmbedders={embedder:1}",), '"embedder" is served twice'),
+        (("originals.keep=unsourced",), "originals.keep=unsourced keeps image bytes"),
+        (("originals.keep=sometimes",), "originals.keep: originals.keep must be"),
         # values.schema.json.
         ((*ENABLED, "migration.catalog=Products"), "migration.catalog: Does not match pattern"),
         ((*ENABLED, "migration.action=switch"), "migration.action: migration.action must be"),
@@ -307,6 +309,9 @@ def test_both_embedders_are_served_and_loaded_by_triton() -> None:
 def test_the_gateway_keeps_originals_where_the_values_say() -> None:
     docs = render(CI)
     assert config(docs, "gateway")["LOUPE_ORIGINALS_URI"] == CI_VALUES["originals"]["uri"]
+    assert config(docs, "gateway")["LOUPE_ORIGINALS_KEEP"] == "request"
+    unsourced = render(CI, "originals.keep=unsourced")
+    assert config(unsourced, "gateway")["LOUPE_ORIGINALS_KEEP"] == "unsourced"
     (gateway,) = pod_spec(named(docs, "Deployment", f"{RELEASE}-gateway"))["containers"]
     assert {"secretRef": {"name": CI_VALUES["originals"]["existingSecret"]}} in gateway["envFrom"]
     egress = named(docs, "NetworkPolicy", f"{RELEASE}-gateway")["spec"]["egress"]

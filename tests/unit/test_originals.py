@@ -117,6 +117,15 @@ def test_the_gateway_setting_is_checked_at_start(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LOUPE_ORIGINALS_URI", "nosuchprotocol://bucket/x")
     with pytest.raises(ConfigError, match="LOUPE_ORIGINALS_URI"):
         GatewaySettings.from_env()
+    monkeypatch.delenv("LOUPE_ORIGINALS_URI")
+    assert GatewaySettings.from_env().originals_keep == "request"
+    # A policy that keeps bytes needs somewhere to keep them.
+    monkeypatch.setenv("LOUPE_ORIGINALS_KEEP", "unsourced")
+    with pytest.raises(ConfigError, match="LOUPE_ORIGINALS_URI"):
+        GatewaySettings.from_env()
+    monkeypatch.setenv("LOUPE_ORIGINALS_KEEP", "sometimes")
+    with pytest.raises(ConfigError, match="LOUPE_ORIGINALS_KEEP"):
+        GatewaySettings.from_env()
 
 
 def gateway_index(settings: GatewaySettings, request: gateway_pb2.IndexRequest) -> RequestError:
@@ -156,3 +165,37 @@ def test_the_gateway_keeps_the_bytes_before_anything_else(
     failed = gateway_index(kept, request)
     assert failed.code != grpc.StatusCode.FAILED_PRECONDITION
     assert OriginalsStore(str(tmp_path / "originals")).read(digest(IMAGE), len(IMAGE)) == IMAGE
+
+
+def test_the_keep_policy_decides_whose_bytes_are_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LOUPE_AUTH", "open")
+    monkeypatch.setenv("LOUPE_TLS", "off")
+    (port,) = free_ports(1)  # nothing listens: every backend call fails, after the keeping
+    for name in ("DETECTION", "EMBEDDING", "RETRIEVAL", "RANKING"):
+        monkeypatch.setenv(f"LOUPE_{name}_ADDR", f"127.0.0.1:{port}")
+    base = dataclasses.replace(
+        GatewaySettings.from_env(),
+        redis_url="",
+        backend_timeout_seconds=0.2,
+        retry_attempts=1,
+    )
+    cases = [
+        # (policy, source_uri, keep_original) -> kept
+        ("request", "", False, False),
+        ("request", "/photos/a.jpg", True, True),
+        ("unsourced", "", False, True),
+        ("unsourced", "/photos/a.jpg", False, False),
+        ("always", "/photos/a.jpg", False, True),
+    ]
+    for number, (policy, source_uri, keep_original, kept) in enumerate(cases):
+        root = tmp_path / f"originals{number}"
+        image = IMAGE + bytes([number])
+        settings = dataclasses.replace(base, originals_uri=str(root), originals_keep=policy)
+        request = gateway_pb2.IndexRequest(
+            item_id="a", image=image, source_uri=source_uri, keep_original=keep_original
+        )
+        gateway_index(settings, request)
+        stored = (root / digest(image)[:2] / digest(image)).exists()
+        assert stored == kept, (policy, source_uri, keep_original)

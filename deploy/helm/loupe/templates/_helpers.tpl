@@ -315,8 +315,12 @@ Usage: include "loupe.serviceEnv" (list $ "gateway") | fromYaml
 {{- $_ := set $env "LOUPE_EMBEDDING_MODEL_VERSION" $ref.version }}
 {{- $_ := set $env "LOUPE_EMBEDDING_EXTRA_MODELS" (join "," ($root.Values.models.extraEmbedders | default list)) }}
 {{- end }}
+{{- if and (eq $program "gateway") (ne $root.Values.originals.keep "request") (not $root.Values.originals.uri) }}
+{{- fail (printf "originals.keep=%s keeps image bytes in the originals store: set originals.uri (s3://bucket/prefix), or originals.keep=request" $root.Values.originals.keep) }}
+{{- end }}
 {{- if and (eq $program "gateway") $root.Values.originals.uri }}
 {{- $_ := set $env "LOUPE_ORIGINALS_URI" $root.Values.originals.uri }}
+{{- $_ := set $env "LOUPE_ORIGINALS_KEEP" $root.Values.originals.keep }}
 {{- end }}
 {{- if has $program (splitList " " (include "loupe.modelServiceNames" $root)) }}
 {{- $_ := set $env "LOUPE_INFERENCE_BACKEND" $root.Values.inference.backend }}
