@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from loupe.v1 import detection_pb2, detection_pb2_grpc, gateway_pb2_grpc
+from services.cli import eval_retrieval
 from services.cli.client import (
     DEFAULT_DATA_DIR,
     MAX_MESSAGE_BYTES,
@@ -65,7 +66,7 @@ AGREEMENT_IOU = 0.9
 AGREEMENT_MIN_SCORE = 0.3
 
 
-class EvalError(Exception):
+class EvalError(eval_retrieval.EvalError):
     """A problem the user can fix (a path, the JSON, the service address); exit status in
     `status`."""
 
@@ -317,23 +318,30 @@ def service_detector(stub: Any, thresholds: Thresholds, target: str) -> Detector
 # ---- data and scoring -------------------------------------------------------------------
 
 
-def load_dataset(images_dir: Path, coco_json: Path, num_classes: int = 80) -> Dataset:
-    """The images of `images_dir` that the JSON's `images` list names (by file name)."""
+def read_coco_json(images_dir: Path, coco_json: Path) -> dict[str, Any]:
+    """The COCO instances document of `coco_json` (its images, annotations and categories
+    lists there), for the images in the folder `images_dir`."""
     if not images_dir.is_dir():
         raise EvalError(f"--images {images_dir}: no such folder")
     if not coco_json.is_file():
         raise EvalError(f"--coco-json {coco_json}: no such file")
     try:
-        truth = json.loads(coco_json.read_text(encoding="utf-8"))
+        document = json.loads(coco_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EvalError(f"--coco-json {coco_json}: not readable JSON: {error}") from None
-    if not isinstance(truth, dict) or not all(
-        isinstance(truth.get(key), list) for key in ("images", "annotations", "categories")
+    if not isinstance(document, dict) or not all(
+        isinstance(document.get(key), list) for key in ("images", "annotations", "categories")
     ):
         raise EvalError(
             f"--coco-json {coco_json}: not a COCO instances file "
             "(needs 'images', 'annotations' and 'categories' lists)"
         )
+    return document
+
+
+def load_dataset(images_dir: Path, coco_json: Path, num_classes: int = 80) -> Dataset:
+    """The images of `images_dir` that the JSON's `images` list names (by file name)."""
+    truth = read_coco_json(images_dir, coco_json)
     try:
         by_name = {Path(entry["file_name"]).name: entry for entry in truth["images"]}
         category_ids = sorted(int(c["id"]) for c in truth["categories"])

@@ -67,12 +67,13 @@ from services.cli.client import (
     client_tls,
     gateway_address,
 )
-from services.cli.eval_detection import IMAGE_SUFFIXES, pairwise_iou
+from services.cli.eval_detection import IMAGE_SUFFIXES, pairwise_iou, read_coco_json
 from services.cli.eval_retrieval import (
     DEFAULT_TOP_K,
     EvalError,
     Labelled,
     Metrics,
+    add_run_arguments,
     catalog_info,
     index_gallery,
     query_metrics,
@@ -172,21 +173,7 @@ class Scored:
 def load_coco(images_dir: Path, coco_json: Path) -> CocoSet:
     """The images of `images_dir` that the JSON's `images` list names (by file name), with
     their annotations."""
-    if not images_dir.is_dir():
-        raise EvalError(f"--images {images_dir}: no such folder")
-    if not coco_json.is_file():
-        raise EvalError(f"--coco-json {coco_json}: no such file")
-    try:
-        document = json.loads(coco_json.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EvalError(f"--coco-json {coco_json}: not readable JSON: {error}") from None
-    if not isinstance(document, dict) or not all(
-        isinstance(document.get(key), list) for key in ("images", "annotations", "categories")
-    ):
-        raise EvalError(
-            f"--coco-json {coco_json}: not a COCO instances file "
-            "(needs 'images', 'annotations' and 'categories' lists)"
-        )
+    document = read_coco_json(images_dir, coco_json)
     try:
         names = {int(c["id"]): str(c.get("name", c["id"])) for c in document["categories"]}
         entries = {int(e["id"]): e for e in document["images"]}
@@ -367,24 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="catalogues NAME_objects and NAME_whole (default evalobj_<random>); they must "
         "not exist",
     )
-    parser.add_argument(
-        "--no-augment",
-        action="store_true",
-        help="skip the batch database-side augmentation after indexing",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the catalogues afterwards")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
-    parser.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        help="gateway address (default: LOUPE_GATEWAY, else the local stack)",
-    )
-    parser.add_argument(
-        "--api-key",
-        metavar="KEY",
-        help="an admin API key: the run creates and drops catalogues (default: "
-        "LOUPE_API_KEY, else the local stack's own key)",
-    )
+    add_run_arguments(parser, "catalogues")
     parser.add_argument(
         "--embedding-addr",
         metavar="HOST:PORT",

@@ -100,12 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "query the same catalogue once per value, a row each",
     )
     parser.add_argument("--detect", action="store_true", help="index detected objects too")
+    add_run_arguments(parser, "catalogue")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=argparse.SUPPRESS)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, catalogues: str) -> None:
+    """The options every evaluation through the gateway takes: how its fresh `catalogues`
+    are indexed and kept, where the figures go, and the gateway with its key."""
     parser.add_argument(
         "--no-augment",
         action="store_true",
         help="skip the batch database-side augmentation after indexing",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the catalogue afterwards")
+    parser.add_argument("--keep", action="store_true", help=f"keep the {catalogues} afterwards")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     parser.add_argument(
         "--gateway",
@@ -115,10 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         metavar="KEY",
-        help="an admin API key: the run creates and drops a catalogue (default: "
+        help=f"an admin API key: the run creates and drops the {catalogues} (default: "
         "LOUPE_API_KEY, else the local stack's own key)",
     )
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
