@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -26,6 +27,35 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+@contextmanager
+def s3_server(bucket: str) -> Iterator[Any]:
+    """A boto3 client of `bucket` on moto's S3 server: a real S3-compatible HTTP endpoint on
+    loopback. While it runs, AWS_* variables (dummy credentials, the endpoint) point botocore,
+    and so s3fs, at it."""
+    import boto3
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in {
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL_S3": endpoint,
+            }.items():
+                env.setenv(name, value)
+            client = boto3.client("s3", endpoint_url=endpoint)
+            client.create_bucket(Bucket=bucket)
+            yield client
+    finally:
+        server.stop()
 
 
 @contextmanager

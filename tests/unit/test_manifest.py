@@ -27,7 +27,7 @@ from services.cli import manifest
 from services.cli.main import main
 from services.cli.manifest import Entry, Fetcher, FetchError, Manifest, ManifestError, Source
 from services.cli.parsing import MAX_IMAGE_BYTES
-from tests.support import free_ports
+from tests.support import free_ports, s3_server
 
 IMAGE = b"\xff\xd8\xff\xe0 a jpeg, as far as fetching cares" * 10
 
@@ -429,29 +429,9 @@ def test_gs_without_gcsfs_says_what_to_install() -> None:
 
 @pytest.fixture(scope="module")
 def s3_bucket() -> Iterator[Any]:
-    """A bucket on a real S3-compatible HTTP server on loopback; credentials are dummies."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_ports(1)[0]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            # botocore (so s3fs) reads the endpoint from here; nothing else needs changing.
-            "AWS_ENDPOINT_URL_S3": endpoint,
-        }.items():
-            env.setenv(name, value)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="photos")
-        try:
-            yield client
-        finally:
-            server.stop()
+    """A bucket on moto's S3 server on loopback."""
+    with s3_server("photos") as client:
+        yield client
 
 
 def test_s3_objects_are_fetched_and_failures_reported(s3_bucket: Any) -> None:

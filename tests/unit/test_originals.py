@@ -23,7 +23,7 @@ from services.gateway.cache import Cache
 from services.gateway.originals import OriginalsError, OriginalsStore
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
-from tests.support import free_ports
+from tests.support import free_ports, s3_server
 
 IMAGE = b"\xff\xd8\xff\xe0 an image, as far as the store cares" * 20
 
@@ -64,28 +64,9 @@ def test_a_local_store_refuses_what_it_should_not_return(tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def s3_bucket() -> Iterator[Any]:
-    """A bucket on a real S3-compatible HTTP server on loopback; credentials are dummies."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_ports(1)[0]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_S3": endpoint,
-        }.items():
-            env.setenv(name, value)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="keep")
-        try:
-            yield client
-        finally:
-            server.stop()
+    """A bucket on moto's S3 server on loopback."""
+    with s3_server("keep") as client:
+        yield client
 
 
 def test_an_s3_store_keeps_bytes_once_under_their_hash(s3_bucket: Any) -> None:

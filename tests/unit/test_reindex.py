@@ -21,7 +21,7 @@ from services.cli.main import main
 from services.cli.manifest import Shard
 from services.cli.reindex import model_id, side_by_side
 from services.gateway.originals import OriginalsStore
-from tests.support import free_ports, serving
+from tests.support import free_ports, s3_server, serving
 
 Action = retrieval_pb2.MigrateCatalogRequest.Action
 OLD, NEW = "embedder/1", "embedder_gem3/1"
@@ -303,28 +303,10 @@ def test_model_names_and_the_merge() -> None:
 
 
 @pytest.fixture
-def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A bucket on moto's S3 server on loopback (dummy credentials), as in test_manifest."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    (port,) = free_ports(1)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": endpoint,
-    }.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="photos")
-    try:
+def s3_bucket() -> Iterator[Any]:
+    """A bucket on moto's S3 server on loopback."""
+    with s3_server("photos") as client:
         yield client
-    finally:
-        server.stop()
 
 
 def test_sources_and_originals_on_s3(
